@@ -1,0 +1,1 @@
+from . import hash_transformer_lm  # noqa: F401

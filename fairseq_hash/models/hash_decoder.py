@@ -1,0 +1,155 @@
+"""fairseq's TransformerDecoder with chosen FFN sublayers turned into hash layers.
+
+    decoder = HashTransformerDecoder(args, dictionary, embed_tokens)
+    # or, around a decoder fairseq has already built:
+    decoder = HashTransformerDecoder.adopt(decoder, args, dictionary)
+
+fairseq's decoder layers never see token ids. This decoder computes the
+routing context (token, previous token, position; see ``hashing.RouteInputs``)
+from ``prev_output_tokens`` before fairseq's own ``extract_features`` runs, and
+hands it to its MoE layers. In incremental decoding fairseq still passes the
+whole prefix, so the previous token and the position of the last step come
+from the prefix itself and routing equals a full forward pass.
+"""
+import logging
+from typing import List
+
+import torch
+import torch.nn as nn
+from fairseq.models.transformer import TransformerDecoder
+
+from ..errors import HashConfigError
+from ..experts import ExpertFFN
+from ..hashing import (RouteInputs, build_hash_function, dictionary_fingerprint,
+                       expected_load, token_counts)
+from ..moe_layer import MoELayer
+from ..routers import HashRouter
+
+logger = logging.getLogger(__name__)
+
+
+def parse_hash_layers(spec: str, num_layers: int) -> List[int]:
+    """``"0,-1"`` -> sorted 0-based layer indices; negative ones count from the end."""
+    try:
+        raw = [int(s) for s in str(spec).split(",") if s.strip()]
+    except ValueError:
+        raise HashConfigError(
+            f"--hash-layer {spec!r}: expected comma-separated integers such as 0,-1"
+        ) from None
+    layers = set()
+    for i in raw:
+        if not -num_layers <= i < num_layers:
+            raise HashConfigError(
+                f"--hash-layer {i} is outside the model: with --decoder-layers "
+                f"{num_layers} valid indices are {-num_layers}..{num_layers - 1}"
+            )
+        layers.add(i % num_layers)
+    return sorted(layers)
+
+
+def check_hash_args(args):
+    if args.hash_experts < 2:
+        raise HashConfigError(f"--hash-experts {args.hash_experts}: must be at least 2")
+    build_hash_function(args.hash_type)  # raises for an unknown --hash-type
+
+
+def _identity(x):
+    return x
+
+
+def replace_ffn(layer: nn.Module, moe: MoELayer):
+    """Make a fairseq Transformer layer compute its FFN sublayer with ``moe``.
+
+    fairseq's layer forward computes ``fc2(dropout(act(fc1(x))))`` inline,
+    between its own layer norm, dropout and residual. The routed FFN takes the
+    place of fc1 and the three steps after it become identities, so everything
+    around the FFN stays fairseq's own code.
+    """
+    if getattr(layer, "ffn_layernorm", None) is not None:
+        raise HashConfigError("--scale-fc is not supported on hash layers")
+    moe.experts.activation_fn = layer.activation_fn
+    moe.experts.activation_dropout = layer.activation_dropout_module
+    layer.fc1 = moe
+    layer.activation_fn = _identity
+    layer.activation_dropout_module = nn.Identity()
+    layer.fc2 = nn.Identity()
+
+
+def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: int) -> MoELayer:
+    hash_fn = build_hash_function(args.hash_type)
+    table = hash_fn.build_table(
+        dictionary, args.hash_experts, num_hashes=1, seed=args.hash_seed + layer_idx
+    )
+    router = HashRouter(hash_fn, table, args.hash_experts, dictionary_fingerprint(dictionary))
+    # Experts draw from their own generator, seeded by --seed: the shared weights
+    # and fairseq's random stream (dropout) stay exactly those of transformer_lm.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed() + 7919 * (layer_idx + 1))
+        experts = ExpertFFN(args.hash_experts, embed_dim, ffn_dim)
+    return MoELayer(router, experts)
+
+
+def log_expected_load(moe_layers, dictionary):
+    counts = token_counts(dictionary)
+    for idx, moe in moe_layers.items():
+        router = moe.router
+        if router.table.size(0) != len(dictionary):
+            continue  # not a token table (e.g. position); load depends on the data
+        share = expected_load(router.table, counts, router.num_experts)[0]
+        logger.info(
+            f"hash layer {idx} ({router.hash_fn.name}, {router.num_experts} experts): "
+            f"expected share per expert min {share.min():.4f} max {share.max():.4f}, "
+            f"max/mean {share.max() * router.num_experts:.3f}"
+        )
+
+
+class HashTransformerDecoder(TransformerDecoder):
+    """TransformerDecoder whose layers ``--hash-layer`` route their FFN by hash."""
+
+    def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=False,
+                 output_projection=None):
+        super().__init__(args, dictionary, embed_tokens, no_encoder_attn, output_projection)
+        self.add_hash_layers(args, dictionary)
+
+    @classmethod
+    def adopt(cls, decoder: TransformerDecoder, args, dictionary) -> "HashTransformerDecoder":
+        """Turn a decoder fairseq has built into this class, in place.
+
+        fairseq's ``TransformerLanguageModel.build_model`` constructs its
+        ``TransformerDecoder`` by name; adopting it (rather than building a
+        second one) keeps every shared weight exactly as transformer_lm
+        initialises it under the same --seed.
+        """
+        decoder.__class__ = cls
+        decoder.add_hash_layers(args, dictionary)
+        return decoder
+
+    def add_hash_layers(self, args, dictionary):
+        check_hash_args(args)
+        self.hash_layer_ids = parse_hash_layers(args.hash_layer, len(self.layers))
+        self.moe_layers = {}
+        for idx in self.hash_layer_ids:
+            layer = self.layers[idx]
+            moe = build_hash_moe(args, dictionary, idx, layer.embed_dim, layer.fc1.out_features)
+            replace_ffn(layer, moe)
+            self.moe_layers[idx] = moe
+        log_expected_load(self.moe_layers, dictionary)
+
+    def route_inputs(self, prev_output_tokens, incremental_state=None) -> RouteInputs:
+        route = RouteInputs.from_tokens(
+            prev_output_tokens, self.dictionary.pad(), self.dictionary.eos()
+        )
+        return route.last() if incremental_state is not None else route
+
+    def extract_features(self, prev_output_tokens, encoder_out=None, incremental_state=None,
+                         **kwargs):
+        route = self.route_inputs(prev_output_tokens, incremental_state)
+        for moe in self.moe_layers.values():
+            moe.route_inputs = route
+        try:
+            return super().extract_features(
+                prev_output_tokens, encoder_out, incremental_state, **kwargs
+            )
+        finally:
+            for moe in self.moe_layers.values():
+                moe.route_inputs = None

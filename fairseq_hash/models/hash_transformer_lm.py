@@ -1,0 +1,93 @@
+"""``--arch hash_transformer_lm``: fairseq's transformer_lm with hash layers.
+
+    fairseq-train data-bin --user-dir $(fairseq-hash-user-dir) \
+        --task language_modeling --arch hash_transformer_lm \
+        --hash-layer -1 --hash-experts 16 --hash-type balanced
+
+Apart from the FFN sublayers named by ``--hash-layer``, the model is
+fairseq's ``transformer_lm`` with the same defaults and the same initial
+weights under the same ``--seed``; every architecture preset of transformer_lm
+exists here with a ``hash_`` prefix.
+"""
+import logging
+from dataclasses import dataclass, field
+
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models import transformer_lm as fairseq_lm
+from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
+
+from ..hashing import HASH_REGISTRY
+from .hash_decoder import HashTransformerDecoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HashLayerConfig:
+    hash_layer: str = field(
+        default="-1",
+        metadata={
+            "help": "comma-separated 0-based indices of the decoder layers whose FFN "
+            "becomes a hash layer; negative indices count from the end (default -1: "
+            "the last layer)"
+        },
+    )
+    hash_experts: int = field(
+        default=16, metadata={"help": "number of expert FFNs in each hash layer (K >= 2)"}
+    )
+    hash_type: str = field(
+        default="balanced",
+        metadata={
+            "help": "hash function from token to expert: "
+            + ", ".join(sorted(HASH_REGISTRY))
+            + " (balanced: greedy over dict.txt counts; random: seeded table)"
+        },
+    )
+    hash_seed: int = field(
+        default=1,
+        metadata={"help": "seed of random hash tables (layer i uses seed + i)"},
+    )
+
+
+@dataclass
+class HashTransformerLanguageModelConfig(TransformerLanguageModelConfig, HashLayerConfig):
+    pass
+
+
+def count_parameters(model):
+    expert = sum(p.numel() for p in model.parameters() if getattr(p, "expert", False))
+    total = sum(p.numel() for p in model.parameters())
+    return total - expert, expert
+
+
+@register_model("hash_transformer_lm", dataclass=HashTransformerLanguageModelConfig)
+class HashTransformerLanguageModel(TransformerLanguageModel):
+    @classmethod
+    def hub_models(cls):
+        return {}
+
+    @classmethod
+    def build_model(cls, args, task):
+        model = super().build_model(args, task)
+        model.decoder = HashTransformerDecoder.adopt(model.decoder, args, task.target_dictionary)
+        shared, expert = count_parameters(model)
+        logger.info(
+            f"hash_transformer_lm: {shared:,} shared and {expert:,} expert parameters "
+            f"({len(model.decoder.hash_layer_ids)} hash layers at "
+            f"{model.decoder.hash_layer_ids}, {args.hash_experts} experts each)"
+        )
+        return model
+
+
+def _register_presets():
+    """hash_<preset> for every transformer_lm preset, with the same defaults."""
+    from fairseq.models import ARCH_MODEL_NAME_REGISTRY, ARCH_CONFIG_REGISTRY
+
+    for arch, model_name in list(ARCH_MODEL_NAME_REGISTRY.items()):
+        if model_name == "transformer_lm" and arch != "transformer_lm":
+            register_model_architecture("hash_transformer_lm", "hash_" + arch)(
+                ARCH_CONFIG_REGISTRY[arch]
+            )
+
+
+_register_presets()

@@ -1,0 +1,63 @@
+"""Dispatch: sort tokens by expert, run each expert on its slice, unsort.
+
+    moe = MoELayer(router, ExpertFFN(K, d, f))
+    y = moe(x, route_inputs)   # x: [..., d] -> y: [..., d]
+
+Dropless and index-based: one stable sort of the S*k (token, slot) pairs by
+expert id, one gather into expert order, one grouped FFN over contiguous
+slices, one scatter-add back into token order. No ``[S, K]`` one-hot mask, no
+capacity, no token dropped (a router may still mark slots ``dropped``; those
+contribute nothing, as in Switch Transformers' capacity overflow).
+"""
+import torch
+import torch.nn as nn
+
+from .experts import ExpertFFN
+from .hashing import RouteInputs
+
+
+class MoELayer(nn.Module):
+    """Route, dispatch, compute, combine.
+
+    Args:
+        router (nn.Module): maps ``([S, d], RouteInputs)`` to a RouterOutput
+        experts (ExpertFFN): the K expert FFNs
+    """
+
+    def __init__(self, router: nn.Module, experts: ExpertFFN):
+        super().__init__()
+        self.router = router
+        self.experts = experts
+        self.route_inputs = None  # set by the model before each forward
+        self.aux_loss = None  # of the last forward, read by the criterion
+        self.last_indices = None  # of the last forward, read by routing reports
+        self.num_dropped = 0
+
+    def forward(self, x: torch.Tensor, route: RouteInputs = None) -> torch.Tensor:
+        route = route if route is not None else self.route_inputs
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [S, d]
+        out = self.router(x, route)
+        indices = out.indices  # [S, k]
+        S, k = indices.shape
+        weights = out.weights
+        if out.dropped is not None:
+            # a dropped slot is computed nowhere: route it past the last expert
+            indices = indices.masked_fill(out.dropped, self.experts.num_experts)
+        flat = indices.reshape(-1)  # [S*k]
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs in expert order
+        counts = torch.bincount(flat, minlength=self.experts.num_experts + 1)
+        counts = counts[: self.experts.num_experts].tolist()
+        token_of = order // k if k > 1 else order
+        kept = sum(counts)
+        h = self.experts(x[token_of[:kept]], counts)  # [S*k kept, d]
+        if weights is not None:
+            h = h * weights.reshape(-1)[order[:kept]].unsqueeze(-1).to(h.dtype)
+        if k == 1 and kept == S:
+            y = torch.empty_like(h).index_copy_(0, order, h)  # a permutation back
+        else:
+            y = x.new_zeros(S, shape[-1]).index_add_(0, token_of[:kept], h)
+        self.aux_loss = out.aux_loss
+        self.last_indices = out.indices.detach()
+        self.num_dropped = S * k - kept
+        return y.view(shape)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Make .venv/ (Python 3.11) with the pinned dependencies and this project in
+# editable mode. Idempotent: a second run only checks and returns in seconds.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3.11}"
+STAMP="$VENV/.fairseq-hash-setup"
+# Bump when the pins below change, so existing venvs are brought up to date.
+SETUP_VERSION=1
+
+if ! command -v "$PY" >/dev/null 2>&1; then
+  echo "run/setup.sh: $PY not found; install Python 3.11 or set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "run/setup.sh: creating $VENV and installing pinned dependencies (about 5 minutes the first time)"
+  "$PY" -m venv "$VENV"
+fi
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$SETUP_VERSION" ] \
+   && "$VENV/bin/python" -c "import fairseq, fairseq_hash, fairscale, sentencepiece" 2>/dev/null; then
+  exit 0
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+# this machine's pip config lists local mirrors that may be absent; its
+# warnings about them are noise
+export PIP_NO_WARN_SCRIPT_LOCATION=1
+"${PIP[@]}" install -q --upgrade "pip<26" setuptools wheel
+# torch first and pinned: the CPU build of 2.13.0 is at hand; an open range
+# would pull a multi-GB CUDA build.
+"${PIP[@]}" install -q "torch==2.13.0" "numpy<2" cython
+# fairseq-fixed builds C++ extensions against the torch above (about 5 minutes,
+# cached by pip afterwards).
+"${PIP[@]}" install -q --no-build-isolation "fairseq-fixed==0.12.3.1" \
+  "hydra-core==1.3.2" "omegaconf==2.3.0" "torch==2.13.0" "numpy<2"
+"${PIP[@]}" install -q "fairscale==0.4.13" --no-deps
+"${PIP[@]}" install -q sentencepiece matplotlib pytest "torch==2.13.0" "numpy<2"
+"${PIP[@]}" install -q --no-build-isolation --no-deps -e "$ROOT"
+echo "$SETUP_VERSION" > "$STAMP"
+echo "run/setup.sh: environment ready in $VENV"
