@@ -12,6 +12,7 @@ exists here with a ``hash_`` prefix.
 import logging
 from dataclasses import dataclass, field
 
+from fairseq.dataclass import FairseqDataclass
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models import transformer_lm as fairseq_lm
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class HashLayerConfig:
+class HashLayerConfig(FairseqDataclass):
     hash_layer: str = field(
         default="-1",
         metadata={
