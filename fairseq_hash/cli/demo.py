@@ -46,6 +46,13 @@ def run_logged(cmd, log_path, commands_file):
         return f.read()
 
 
+def mean_wps(log):
+    """Mean of fairseq's train_inner wps figures, leaving out the first (warm-up)."""
+    values = [float(v) for v in re.findall(r"train_inner \|.*?wps=([0-9.]+)", log)]
+    values = values[1:] or values
+    return sum(values) / len(values) if values else None
+
+
 def model_flags(args, arch):
     flags = ["--task", "language_modeling", "--arch", arch,
              "--decoder-layers", str(args.layers), "--decoder-embed-dim", str(args.embed_dim),
@@ -63,7 +70,8 @@ def train_flags(args, save_dir):
     return ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "0.002",
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100", "--clip-norm", "1.0",
             "--max-tokens", "2048", "--max-update", str(args.max_update),
-            "--stop-time-hours", f"{args.minutes / 60:.4f}", "--validate-interval-updates", "200",
+            *(["--stop-time-hours", f"{args.minutes / 60:.4f}"] if args.minutes else []),
+            "--validate-interval-updates", "200",
             "--save-interval-updates", "200", "--keep-interval-updates", "1",
             "--no-epoch-checkpoints", "--log-interval", "25", "--log-format", "simple",
             "--seed", str(args.seed), "--num-workers", "0", "--save-dir", save_dir,
@@ -112,6 +120,9 @@ def main(argv=None):
                         help="sentencepiece vocabulary size (default 2000)")
     parser.add_argument("--seed", type=int, default=1, help="fairseq --seed (default 1)")
     parser.add_argument("--samples", type=int, default=3, help="lines to sample (default 3, max 3)")
+    parser.add_argument("--compare-dense", action="store_true",
+                        help="also train the same model with no hash layer (fairseq's "
+                        "transformer_lm) for as many updates, and print both words per second")
     parser.add_argument("--gpu", dest="cpu", action="store_false",
                         help="train on the GPU (default: CPU)")
     args = parser.parse_args(argv)
@@ -138,17 +149,30 @@ def main(argv=None):
                                "--max-tokens", "4096", "--num-workers", "0",
                                *(["--cpu"] if args.cpu else [])],
                               os.path.join(out, "eval_test.log"), commands)
+        dense_wps = None
+        if args.compare_dense:
+            updates = re.findall(r"num_updates[ =:\"]+([0-9]+)", log)
+            dense_args = argparse.Namespace(**{**vars(args), "minutes": 0,
+                                               "max_update": int(updates[-1]) if updates else args.max_update})
+            print(f"[3b] the same model without hash layers, {dense_args.max_update} updates", flush=True)
+            dense_log = run_logged([os.path.join(bin_dir, "fairseq-train"), data_bin,
+                                    *model_flags(args, "transformer_lm"),
+                                    *train_flags(dense_args, os.path.join(out, "checkpoints_dense"))],
+                                   os.path.join(out, "train_dense.log"), commands)
+            dense_wps = mean_wps(dense_log)
     print("[4/4] samples through the hub interface", flush=True)
     samples = sample(save_dir, data_bin, os.path.join(out, "data", "spm.model"), args.samples,
                      os.path.join(out, "samples.txt"))
     ppl = re.search(r"Perplexity: ([0-9.]+)", eval_log)
-    wps = re.findall(r"\| train \|.*?\| wps ([0-9.]+)", log)
+    wps = mean_wps(log)
     print("\n" + "=" * 72)
     for line in samples:
         print(f"  sample: {line}")
     print(f"test perplexity (fairseq-eval-lm): {ppl.group(1) if ppl else '?'}")
     if wps:
-        print(f"training words per second (fairseq, last epoch): {wps[-1]}")
+        print(f"training words per second (fairseq's train_inner wps, mean after the first): {wps:.0f}")
+    if dense_wps:
+        print(f"  the same model without hash layers: {dense_wps:.0f} (hash/dense {wps / dense_wps:.2f})")
     print(f"written to {out}/:")
     for name, what in [("data/data-bin", "binarised data and dict.txt"),
                        ("data/spm.model", "sentencepiece model"),
