@@ -15,11 +15,13 @@ def test_demo_on_user_text_writes_everything(tmp_path):
     out = tmp_path / "demo"
     proc = run([tool("fairseq-hash-demo"), str(text), "--output-dir", str(out),
                 "--layers", "1", "--embed-dim", "32", "--ffn-dim", "64", "--experts", "2",
-                "--max-update", "6", "--vocab-size", "100", "--samples", "1"])
+                "--max-update", "6", "--vocab-size", "100", "--samples", "1", "--compare-dense"])
     for name in ("data/data-bin/dict.txt", "data/spm.model", "checkpoints/checkpoint_best.pt",
                  "train.log", "eval_test.log", "samples.txt", "commands.sh"):
         assert (out / name).exists(), name
     assert "test perplexity (fairseq-eval-lm):" in proc.stdout
+    assert "the same model without hash layers" in proc.stdout
+    assert (out / "train_dense.log").exists()
     assert (out / "samples.txt").read_text().startswith("Return the")
     # a second run must not overwrite the trained model
     again = run([tool("fairseq-hash-demo"), str(text), "--output-dir", str(out)],

@@ -49,7 +49,8 @@ def run_logged(cmd, log_path, commands_file):
 def mean_wps(log):
     """Mean of fairseq's train_inner wps figures, leaving out the first (warm-up)."""
     values = [float(v) for v in re.findall(r"train_inner \|.*?wps=([0-9.]+)", log)]
-    values = values[1:] or values
+    values = values[1:] or values or [  # runs shorter than one log interval
+        float(v) for v in re.findall(r"\| train \|.*?\| wps ([0-9.]+)", log)]
     return sum(values) / len(values) if values else None
 
 
