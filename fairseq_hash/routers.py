@@ -14,9 +14,15 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import warnings
+
 import torch
 import torch.nn as nn
-from fairscale.nn.moe.top2gate import Top2Gate, top2gating
+
+with warnings.catch_warnings():
+    # fairscale's package import warns about torch.cuda.amp APIs it never uses here
+    warnings.simplefilter("ignore", FutureWarning)
+    from fairscale.nn.moe.top2gate import Top2Gate, top2gating
 
 from .errors import HashConfigError
 from .hashing import HashFunction, RouteInputs
