@@ -23,6 +23,8 @@ from typing import Dict, Optional, Type
 
 import torch
 
+from .errors import HashConfigError
+
 HASH_REGISTRY: Dict[str, Type["HashFunction"]] = {}
 
 
@@ -39,7 +41,7 @@ def register_hash(name: str):
 
 def build_hash_function(name: str) -> "HashFunction":
     if name not in HASH_REGISTRY:
-        raise ValueError(
+        raise HashConfigError(
             f"--hash-type {name!r} is unknown; valid: {', '.join(sorted(HASH_REGISTRY))}"
         )
     return HASH_REGISTRY[name]()
