@@ -300,6 +300,7 @@ def write_curves(path, rows):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
@@ -309,12 +310,21 @@ def write_curves(path, rows):
     ax.set_xlabel("updates")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     ax.set_title("fairseq-hash-compare")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_results(out_dir, rows, settings):
+    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"settings": settings, "rows": rows}, f, indent=2)
+    write_markdown(os.path.join(out_dir, "results.md"), rows, settings)
+    write_curves(os.path.join(out_dir, "curves.png"), rows)
 
 
 def build_parser():
@@ -412,23 +422,21 @@ def main(argv=None):
         from .prepare import prepare
 
         print("preparing data (sentencepiece, fairseq-preprocess) ...", flush=True)
-        os.environ["PATH"] = subprocess_env()["PATH"]
+        os.environ["PATH"] = subprocess_env()["PATH"]  # prepare() runs fairseq-preprocess by name
         data_bin = os.path.abspath(prepare(os.path.join(cfg.output_dir, "data"), cfg.text,
                                            cfg.vocab_size, max_lines=cfg.max_lines))
     runs = plan_runs(cfg.model_list, cfg.expert_list)
-    rows = []
-    for i, (name, model, k) in enumerate(runs, 1):
-        rows.append(run_one(cfg, data_bin, cfg.output_dir, name, model, k, i, len(runs)))
     settings = {k: getattr(cfg, k) for k in (
         "preset", "layers", "embed_dim", "ffn_dim", "heads", "hash_layer", "tokens_per_sample",
         "max_tokens", "max_update", "lr", "warmup_updates", "dropout", "seed", "capacity_factor",
         "aux_loss_weight")}
     settings["data"] = data_bin
-    settings["load average (1 min) at start, end"] = f"{load_start:.1f}, {os.getloadavg()[0]:.1f}"
-    with open(os.path.join(cfg.output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"settings": settings, "rows": rows}, f, indent=2)
-    write_markdown(os.path.join(cfg.output_dir, "results.md"), rows, settings)
-    write_curves(os.path.join(cfg.output_dir, "curves.png"), rows)
+    rows = []
+    for i, (name, model, k) in enumerate(runs, 1):
+        rows.append(run_one(cfg, data_bin, cfg.output_dir, name, model, k, i, len(runs)))
+        # rewritten after every run, so an interrupted comparison keeps what it has
+        settings["load average (1 min) at start, now"] = f"{load_start:.1f}, {os.getloadavg()[0]:.1f}"
+        write_results(cfg.output_dir, rows, settings)
     print(open(os.path.join(cfg.output_dir, "results.md"), encoding="utf-8").read())
     return 0 if all(r["ok"] for r in rows) else 1
 
