@@ -8,21 +8,22 @@ of each token, weighted by ``weights`` where a router gives them.
     router = HashRouter(hash_fn, table)                 # no parameters
     out = router(x, route_inputs)                       # x: [S, d]
     out.indices  # [S, k] expert ids; out.weights: [S, k] or None; out.aux_loss
+
+The learned baselines the paper compares against (``--router``) follow the
+same contract but look at the hidden state x, never the token ids:
+:class:`SwitchRouter` (top-1 gate, capacity, load-balancing loss),
+:class:`Top2Router` (GShard top-2 through fairscale's ``Top2Gate``) and
+:class:`BaseRouter` (BASE layers' balanced assignment). Their weights are
+shared parameters; in eval mode each routes every token deterministically.
 """
 import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
 
-import warnings
-
 import torch
 import torch.nn as nn
-
-with warnings.catch_warnings():
-    # fairscale's package import warns about torch.cuda.amp APIs it never uses here
-    warnings.simplefilter("ignore", FutureWarning)
-    from fairscale.nn.moe.top2gate import Top2Gate, top2gating
+from fairscale.nn.moe.top2gate import Top2Gate, top2gating
 
 from .errors import HashConfigError
 from .hashing import HashFunction, RouteInputs
@@ -81,13 +82,6 @@ class HashRouter(nn.Module):
                 f"the hash table {prefix}table routes to expert {int(table.max())} but "
                 f"--hash-experts is {self.num_experts}"
             )
-
-
-# ---------------------------------------------------------------------------
-# Learned-routing baselines. They see the hidden state x ([S, d]), never the
-# token ids; their parameters (gate weights, centroids) are shared parameters,
-# not experts. In eval mode every one of them routes deterministically.
-# ---------------------------------------------------------------------------
 
 
 def load_balancing_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
