@@ -431,6 +431,7 @@ def main(argv=None):
         "max_tokens", "max_update", "lr", "warmup_updates", "dropout", "seed", "capacity_factor",
         "aux_loss_weight")}
     settings["data"] = data_bin
+    settings["command"] = " ".join(["fairseq-hash-compare", *(sys.argv[1:] if argv is None else argv)])
     rows = []
     for i, (name, model, k) in enumerate(runs, 1):
         rows.append(run_one(cfg, data_bin, cfg.output_dir, name, model, k, i, len(runs)))
