@@ -20,6 +20,7 @@ setup(
             "fairseq-hash-prepare=fairseq_hash.cli.prepare:main",
             "fairseq-hash-demo=fairseq_hash.cli.demo:main",
             "fairseq-hash-help=fairseq_hash.cli.flags:main",
+            "fairseq-hash-compare=fairseq_hash.cli.compare:main",
         ],
     },
 )

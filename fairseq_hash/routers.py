@@ -8,15 +8,27 @@ of each token, weighted by ``weights`` where a router gives them.
     router = HashRouter(hash_fn, table)                 # no parameters
     out = router(x, route_inputs)                       # x: [S, d]
     out.indices  # [S, k] expert ids; out.weights: [S, k] or None; out.aux_loss
+
+The learned baselines the paper compares against (``--router``) follow the
+same contract but look at the hidden state x, never the token ids:
+:class:`SwitchRouter` (top-1 gate, capacity, load-balancing loss),
+:class:`Top2Router` (GShard top-2 through fairscale's ``Top2Gate``) and
+:class:`BaseRouter` (BASE layers' balanced assignment). Their weights are
+shared parameters; in eval mode each routes every token deterministically.
 """
+import logging
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
+from fairscale.nn.moe.top2gate import Top2Gate, top2gating
 
 from .errors import HashConfigError
 from .hashing import HashFunction, RouteInputs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,3 +82,204 @@ class HashRouter(nn.Module):
                 f"the hash table {prefix}table routes to expert {int(table.max())} but "
                 f"--hash-experts is {self.num_experts}"
             )
+
+
+def load_balancing_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss ``K * sum_e f_e * P_e``.
+
+    probs: [S, K] router probabilities; top1: [S] each token's first choice.
+    ``f_e`` is the share of tokens whose first choice is e, ``P_e`` the mean
+    probability given to e. It is 1 at perfect balance and K when all tokens
+    pick one expert.
+    """
+    num_experts = probs.size(1)
+    share = torch.bincount(top1, minlength=num_experts).to(probs.dtype) / top1.numel()
+    return num_experts * torch.sum(share * probs.mean(dim=0))
+
+
+def over_capacity(experts: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """``[S]`` bool: tokens whose expert already took ``capacity`` earlier tokens.
+
+    Earlier rows win, as in Switch Transformers. Computed by a stable sort
+    (the rank of each token within its expert), not a one-hot cumulative sum.
+    """
+    order = torch.argsort(experts, stable=True)
+    counts = torch.bincount(experts, minlength=num_experts)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(experts)
+    rank[order] = torch.arange(experts.numel(), device=experts.device) - starts[experts[order]]
+    return rank >= capacity
+
+
+class SwitchRouter(nn.Module):
+    """Switch Transformers' top-1 gate (Fedus, Zoph, Shazeer, 2021).
+
+    ``p = softmax(x W)``; each token goes to ``argmax p`` and that expert's
+    output is scaled by its probability, so the gate learns through the
+    output. In training an expert takes at most
+    ``ceil(capacity_factor * S / K)`` tokens; later tokens are marked dropped
+    and pass through the residual only. At evaluation nothing is dropped.
+
+    Args:
+        embed_dim (int): d
+        num_experts (int): K
+        capacity_factor (float): expert capacity in units of S/K (training only)
+    """
+
+    def __init__(self, embed_dim: int, num_experts: int, capacity_factor: float = 1.25):
+        super().__init__()
+        self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+        self.wg = nn.Linear(embed_dim, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor, route: RouteInputs = None) -> RouterOutput:
+        # the gate runs in float32 even in a half-precision model
+        probs = torch.softmax(self.wg(x).float(), dim=-1)  # [S, K]
+        weight, expert = probs.max(dim=-1)  # [S], [S]
+        aux_loss = load_balancing_loss(probs, expert)
+        dropped = None
+        if self.training:
+            capacity = math.ceil(self.capacity_factor * x.size(0) / self.num_experts)
+            dropped = over_capacity(expert, self.num_experts, capacity).unsqueeze(1)
+        return RouterOutput(indices=expert.unsqueeze(1), weights=weight.unsqueeze(1),
+                            aux_loss=aux_loss, dropped=dropped)
+
+
+class Top2Router(nn.Module):
+    """GShard's top-2 gate (Lepikhin et al., 2020), through fairscale's ``Top2Gate``.
+
+    In training, fairscale's ``top2gating`` chooses the experts: the first by
+    ``argmax softmax(x W)``, the second by Gumbel-noised logits; capacity
+    ``2S/K`` per expert, tokens over it dropped; the two weights renormalised
+    over the kept slots; and its auxiliary loss ``mean_e(m_e c_e)``, which we
+    multiply by K^2 so that, like Switch's, it is 1 at perfect balance.
+    fairscale returns dense ``[S, K, C]`` combine weights; we reduce them to
+    ``[S, 2]`` indices at once. At evaluation the two largest probabilities
+    are taken without noise or capacity.
+
+    Args:
+        embed_dim (int): d
+        num_experts (int): K
+    """
+
+    def __init__(self, embed_dim: int, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate = Top2Gate(embed_dim, num_experts)
+
+    def forward(self, x: torch.Tensor, route: RouteInputs = None) -> RouterOutput:
+        S, K = x.size(0), self.num_experts
+        logits = self.gate.wg(x).float()  # [S, K]
+        if not self.training:
+            probs = torch.softmax(logits, dim=-1)
+            weights, indices = probs.topk(2, dim=-1)  # [S, 2]
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+            # fairscale's loss times K^2 is Switch's loss: logged at evaluation too
+            return RouterOutput(indices=indices, weights=weights,
+                                aux_loss=load_balancing_loss(probs, indices[:, 0]))
+        # top2gating asserts that K divides S: append rows of equal logits, last,
+        # so that they take no capacity from real tokens; they are cut off after
+        pad = (-S) % K
+        if pad:
+            logits = torch.cat([logits, logits.new_zeros(pad, K)])
+        aux_loss, combine, _ = top2gating(logits)  # combine: [S', K, C]
+        expert_weight = combine[:S].sum(dim=-1)  # [S, K], zero but at kept slots
+        weights, indices = expert_weight.topk(2, dim=-1)  # [S, 2]
+        return RouterOutput(indices=indices, weights=weights, aux_loss=aux_loss * K * K,
+                            dropped=weights.eq(0))
+
+
+def greedy_balanced_assignment(scores: torch.Tensor) -> torch.Tensor:
+    """Fallback for ``libbase.balanced_assignment`` where fairseq lacks its C++ build.
+
+    Same contract (``[S, K]`` scores with K dividing S -> ``[S]`` token order
+    grouped by expert, S/K each) but greedy, not optimal: (token, expert)
+    pairs in order of falling score, each taken while the token is free and
+    the expert has room.
+    """
+    S, K = scores.shape
+    room = [S // K] * K
+    expert_of = [-1] * S
+    for pair in torch.argsort(scores.reshape(-1), descending=True).tolist():
+        token, expert = divmod(pair, K)
+        if expert_of[token] < 0 and room[expert]:
+            expert_of[token] = expert
+            room[expert] -= 1
+    return torch.argsort(torch.tensor(expert_of), stable=True)
+
+
+def balanced_assignment(scores: torch.Tensor) -> torch.Tensor:
+    """fairseq's auction solver (the one BASE layers use), or the greedy fallback."""
+    try:
+        from fairseq import libbase
+    except ImportError:  # pragma: no cover - depends on the fairseq build
+        logger.warning("fairseq.libbase is not built: --router base assigns tokens "
+                       "greedily, not by the auction solver")
+        return greedy_balanced_assignment(scores)
+    return libbase.balanced_assignment(scores)
+
+
+class BaseRouter(nn.Module):
+    """BASE layers' balanced assignment (Lewis et al., ICML 2021) in one process.
+
+    Each expert has a centroid ``c_e``; a token's affinity to e is ``x . c_e``.
+    In training, fairseq's auction solver (``fairseq.libbase``; a greedy
+    fallback where that is not built) assigns the S
+    tokens to the K experts maximising total affinity with every expert taking
+    S/K of them (when K does not divide S, a few rows of equal affinity are
+    appended for the solver and removed after, so loads differ by at most
+    one). At evaluation each token takes its best expert. The expert output is
+    scaled by ``sigmoid(x . c_e)``: BASE mixes ``a * (x + f(x)) + (1 - a) * x``,
+    which is ``x + a * f(x)`` with the layer's residual outside. There is no
+    auxiliary loss; the centroids learn through that scale. fairseq's own
+    ``BaseLayer`` needs a process group and holds one expert per worker, so
+    only its solver is used here.
+
+    Args:
+        embed_dim (int): d
+        num_experts (int): K
+    """
+
+    def __init__(self, embed_dim: int, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        centroids = torch.empty(num_experts, embed_dim)
+        nn.init.orthogonal_(centroids, gain=0.1)
+        self.centroids = nn.Parameter(centroids)
+
+    def forward(self, x: torch.Tensor, route: RouteInputs = None) -> RouterOutput:
+        with torch.no_grad():
+            scores = x.float() @ self.centroids.float().t()  # [S, K]
+            expert = self.balanced(scores) if self.training else scores.argmax(dim=-1)  # [S]
+        score = (x * self.centroids[expert].to(x.dtype)).sum(dim=-1, keepdim=True)  # [S, 1]
+        return RouterOutput(indices=expert.unsqueeze(1), weights=torch.sigmoid(score.float()))
+
+    def balanced(self, scores: torch.Tensor) -> torch.Tensor:
+        """Expert of each token ``[S]``; each expert takes S/K tokens (within one)."""
+        S, K = scores.shape
+        scores = scores.cpu()
+        ok = scores.isfinite()
+        if not ok.all():  # the solver never terminates on NaN
+            scores = scores.masked_fill(~ok, scores[ok].min() if ok.any() else 0.0)
+        pad = (-S) % K
+        if pad:  # the solver needs K to divide S and loops forever otherwise
+            scores = torch.cat([scores, scores.new_full((pad, K), float(scores.min()) - 1)])
+        order = balanced_assignment(scores.contiguous())  # [S'] grouped by expert
+        expert = torch.empty_like(order)
+        expert[order] = torch.arange(order.numel()) // (order.numel() // K)
+        return expert[:S].to(self.centroids.device)
+
+
+ROUTERS = ("hash", "switch", "top2", "base")
+
+
+def build_learned_router(name: str, embed_dim: int, num_experts: int,
+                         capacity_factor: float = 1.25) -> nn.Module:
+    """A learned router by its ``--router`` name (``hash`` is built from a table)."""
+    if name == "switch":
+        return SwitchRouter(embed_dim, num_experts, capacity_factor)
+    if name == "top2":
+        return Top2Router(embed_dim, num_experts)
+    if name == "base":
+        return BaseRouter(embed_dim, num_experts)
+    raise HashConfigError(f"--router {name!r} is unknown; valid: {', '.join(ROUTERS)}")

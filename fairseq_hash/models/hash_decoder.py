@@ -23,7 +23,7 @@ from ..experts import ExpertFFN
 from ..hashing import (RouteInputs, build_hash_function, dictionary_fingerprint,
                        expected_load, token_counts)
 from ..moe_layer import MoELayer
-from ..routers import HashRouter
+from ..routers import ROUTERS, HashRouter, build_learned_router
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,11 @@ def check_hash_args(args):
     if args.hash_experts < 2:
         raise HashConfigError(f"--hash-experts {args.hash_experts}: must be at least 2")
     build_hash_function(args.hash_type)  # raises for an unknown --hash-type
+    router = getattr(args, "router", "hash")
+    if router not in ROUTERS:
+        raise HashConfigError(f"--router {router!r} is unknown; valid: {', '.join(ROUTERS)}")
+    if router == "switch" and not getattr(args, "capacity_factor", 1.25) > 0:
+        raise HashConfigError(f"--capacity-factor {args.capacity_factor}: must be positive")
 
 
 def _identity(x):
@@ -76,16 +81,22 @@ def replace_ffn(layer: nn.Module, moe: MoELayer):
 
 
 def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: int) -> MoELayer:
-    hash_fn = build_hash_function(args.hash_type)
-    table = hash_fn.build_table(
-        dictionary, args.hash_experts, num_hashes=1, seed=args.hash_seed + layer_idx
-    )
-    router = HashRouter(hash_fn, table, args.hash_experts, dictionary_fingerprint(dictionary))
-    # Experts draw from their own generator, seeded by --seed: the shared weights
-    # and fairseq's random stream (dropout) stay exactly those of transformer_lm.
+    # Experts and learned routers draw from their own generator, seeded by --seed:
+    # the shared weights and fairseq's random stream (dropout) stay exactly those
+    # of transformer_lm, and the experts start equal whatever the router.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch.initial_seed() + 7919 * (layer_idx + 1))
         experts = ExpertFFN(args.hash_experts, embed_dim, ffn_dim)
+        if getattr(args, "router", "hash") != "hash":
+            router = build_learned_router(args.router, embed_dim, args.hash_experts,
+                                          getattr(args, "capacity_factor", 1.25))
+    if getattr(args, "router", "hash") == "hash":
+        hash_fn = build_hash_function(args.hash_type)
+        table = hash_fn.build_table(
+            dictionary, args.hash_experts, num_hashes=1, seed=args.hash_seed + layer_idx
+        )
+        router = HashRouter(hash_fn, table, args.hash_experts,
+                            dictionary_fingerprint(dictionary))
     return MoELayer(router, experts)
 
 
@@ -93,6 +104,8 @@ def log_expected_load(moe_layers, dictionary):
     counts = token_counts(dictionary)
     for idx, moe in moe_layers.items():
         router = moe.router
+        if not isinstance(router, HashRouter):
+            continue  # a learned router: its load is learned, not known ahead
         if router.table.size(0) != len(dictionary):
             continue  # not a token table (e.g. position); load depends on the data
         share = expected_load(router.table, counts, router.num_experts)[0]

@@ -48,6 +48,24 @@ class HashLayerConfig(FairseqDataclass):
         default=1,
         metadata={"help": "seed of random hash tables (layer i uses seed + i)"},
     )
+    router: str = field(
+        default="hash",
+        metadata={
+            "help": "how the routed layers choose experts: hash (the token's hash, no "
+            "parameters), switch (learned top-1 gate), top2 (GShard top-2 gate, "
+            "fairscale's Top2Gate) or base (BASE layers' balanced assignment); learned "
+            "routers need --criterion moe_cross_entropy for their auxiliary loss"
+        },
+    )
+    capacity_factor: float = field(
+        default=1.25,
+        metadata={
+            "help": "--router switch: in training each expert takes at most "
+            "capacity-factor * tokens / experts tokens of a batch; the rest skip the "
+            "layer's FFN and are counted as dropped (top2 uses fairscale's fixed 2 * "
+            "tokens / experts; evaluation drops nothing)"
+        },
+    )
 
 
 @dataclass

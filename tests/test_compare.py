@@ -1,0 +1,70 @@
+"""fairseq-hash-compare: one command, every model alike, three result files."""
+import json
+import os
+
+import pytest
+
+from fairseq_hash.cli import compare
+
+ALL = ["dense", "hash", "hash-random", "switch", "top2", "base"]
+
+
+def test_compare_writes_results_with_a_row_per_model(data_bin, tmp_path, capsys):
+    # three models keep this quick; the slow test below runs all six
+    models = ["dense", "hash", "top2"]
+    out = tmp_path / "cmp"
+    code = compare.main(["--output-dir", str(out), "--preset", "tiny", "--data-bin", data_bin,
+                         "--models", ",".join(models),
+                         "--max-update", "4", "--validate-every", "2", "--warmup-updates", "2",
+                         "--tokens-per-sample", "32", "--max-tokens", "256"])
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == models
+    for r in rows:
+        assert r["ok"] and r["test_ppl"] > 1 and r["valid_ppl"] > 1, r
+        assert [u for u, _ in r["curve"]] == [2, 4]
+        assert (out / "runs" / r["name"] / "train.log").exists()
+        assert (out / "runs" / r["name"] / "eval.log").exists()
+    by = {r["name"]: r for r in rows}
+    # same shared model, K experts in the routed layer; one expert (two for top2) a token
+    assert by["hash"]["active_params"] == by["dense"]["total_params"]
+    assert by["hash"]["total_params"] > by["dense"]["total_params"]
+    assert by["top2"]["active_params"] > by["hash"]["active_params"]
+    assert by["top2"]["aux_loss"] > 0 and by["hash"]["aux_loss"] == 0
+    table = (out / "results.md").read_text()
+    for name in models:
+        assert f"| {name} |" in table
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "[3/3 top2] done" in capsys.readouterr().out  # progress on the console
+
+
+def test_compare_runs_every_routed_model_once_per_expert_count():
+    runs = compare.plan_runs(["dense", "hash", "switch"], [4, 16])
+    assert runs == [("dense", "dense", None), ("hash-k4", "hash", 4), ("hash-k16", "hash", 16),
+                    ("switch-k4", "switch", 4), ("switch-k16", "switch", 16)]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--models", "dense,gshard"], "--models 'dense,gshard': unknown gshard; valid: dense,hash"),
+    (["--experts", "1"], "--experts '1': expected integers >= 2"),
+    (["--data-bin", "/nonexistent"], "--data-bin /nonexistent: no dict.txt there"),
+    (["--text", "/nonexistent.txt"], "--text /nonexistent.txt: no such file"),
+    (["--embed-dim", "30", "--heads", "4"], "--embed-dim 30 must be a multiple of --heads 4"),
+])
+def test_compare_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, argv, message):
+    code = compare.main(["--output-dir", str(tmp_path), "--preset", "tiny", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_compare_tiny_preset_on_the_builtin_corpus_runs_end_to_end(tmp_path):
+    import time
+
+    start = time.time()
+    assert compare.main(["--output-dir", str(tmp_path), "--preset", "tiny"]) == 0
+    for name in ("results.md", "results.json", "curves.png"):
+        assert os.path.getsize(tmp_path / name) > 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ALL and all(r["ok"] for r in rows)
+    print(f"--preset tiny took {time.time() - start:.0f}s")
