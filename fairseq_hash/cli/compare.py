@@ -115,9 +115,9 @@ def train_command(cfg, data_bin, save_dir, model, k):
     return cmd
 
 
-def eval_command(cfg, data_bin, checkpoint):
+def eval_command(cfg, data_bin, checkpoint, subset="test"):
     cmd = [sys.executable, "-m", "fairseq_cli.eval_lm", data_bin, "--path", checkpoint,
-           "--user-dir", user_dir(), "--task", "language_modeling", "--gen-subset", "test",
+           "--user-dir", user_dir(), "--task", "language_modeling", "--gen-subset", subset,
            "--tokens-per-sample", str(cfg.tokens_per_sample), "--max-tokens", str(cfg.max_tokens),
            "--sample-break-mode", "none", "--num-workers", "0"]
     if not cuda_available():
@@ -232,24 +232,29 @@ def run_one(cfg, data_bin, out_dir, name, model, k, index, count):
                              os.path.join(run_dir, "train.log"), progress_printer(tag, cfg.max_update))
     log = parse_train_log(lines)
     test_ppl = None
+    eval_ppl = {"valid": None, "test": None}
     checkpoint = os.path.join(run_dir, "checkpoints", "checkpoint_last.pt")
     if code != 0:
         tail = "".join(lines[-3:]).strip().splitlines()
         print(f"{tag} fairseq-train failed (exit {code}): {tail[-1] if tail else ''}; "
               f"see {run_dir}/train.log", flush=True)
     elif os.path.exists(checkpoint):
-        print(f"{tag} evaluating on the test split", flush=True)
-        code, eval_lines = run_logged(eval_command(cfg, data_bin, checkpoint),
-                                      os.path.join(run_dir, "eval.log"))
-        for line in eval_lines:
-            m = PPL_LINE.search(line)
-            if m:
-                test_ppl = float(m.group(2))
-        if code != 0 or test_ppl is None:
-            print(f"{tag} fairseq-eval-lm failed; see {run_dir}/eval.log", flush=True)
+        # fairseq-eval-lm scores a whole split; the validation loss that
+        # fairseq-fixed's trainer logs covers one batch of it (see README)
+        print(f"{tag} evaluating on the valid and test splits", flush=True)
+        for subset in ("valid", "test"):
+            code, eval_lines = run_logged(eval_command(cfg, data_bin, checkpoint, subset),
+                                          os.path.join(run_dir, f"eval_{subset}.log"))
+            ppl = [float(m.group(2)) for m in map(PPL_LINE.search, eval_lines) if m]
+            eval_ppl[subset] = ppl[-1] if ppl else None
+            if code != 0 or not ppl:
+                print(f"{tag} fairseq-eval-lm failed; see {run_dir}/eval_{subset}.log", flush=True)
+                break
+        test_ppl = eval_ppl["test"]
     if not cfg.keep_checkpoints:
         shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
     row = summarise(name, model, k, log, test_ppl, time.time() - start)
+    row["logged_valid_ppl"], row["valid_ppl"] = row["valid_ppl"], eval_ppl["valid"]
     row["ok"] = code == 0 and test_ppl is not None
     print(f"{tag} done in {row['seconds']:.0f}s: valid ppl {_fmt(row['valid_ppl'], 2)}, "
           f"test ppl {_fmt(test_ppl, 2)}", flush=True)
@@ -283,8 +288,9 @@ def write_markdown(path, rows, settings):
     lines += [
         "",
         "Perplexities are per sentencepiece token (base-2 loss, as fairseq reports), of the "
-        "model after the last update: valid from the last validation, test from "
-        "fairseq-eval-lm. Words/s, aux loss (summed over routed layers) and tokens dropped "
+        "model after the last update, both scored on the whole split by fairseq-eval-lm "
+        "(curves.png shows fairseq-train's logged validation, which in fairseq-fixed covers "
+        "one batch of the split). Words/s, aux loss (summed over routed layers) and tokens dropped "
         "(share of expert slots over capacity, training only) are means over training "
         "log intervals after the first. Words/s depends on the machine's load.",
         "",
@@ -308,7 +314,7 @@ def write_curves(path, rows):
             xs, ys = zip(*r["curve"])
             ax.plot(xs, ys, marker="o", markersize=3, label=r["name"])
     ax.set_xlabel("updates")
-    ax.set_ylabel("validation perplexity")
+    ax.set_ylabel("validation perplexity (fairseq-train's log: one batch)")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
