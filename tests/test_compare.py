@@ -24,7 +24,8 @@ def test_compare_writes_results_with_a_row_per_model(data_bin, tmp_path, capsys)
         assert r["ok"] and r["test_ppl"] > 1 and r["valid_ppl"] > 1, r
         assert [u for u, _ in r["curve"]] == [2, 4]
         assert (out / "runs" / r["name"] / "train.log").exists()
-        assert (out / "runs" / r["name"] / "eval.log").exists()
+        assert (out / "runs" / r["name"] / "eval_test.log").exists()
+        assert r["valid_ppl"] is not None and r["valid_ppl"] > 1
     by = {r["name"]: r for r in rows}
     # same shared model, K experts in the routed layer; one expert (two for top2) a token
     assert by["hash"]["active_params"] == by["dense"]["total_params"]
