@@ -23,7 +23,9 @@ from ..experts import ExpertFFN
 from ..hashing import (RouteInputs, build_hash_function, dictionary_fingerprint,
                        expected_load, token_counts)
 from ..moe_layer import MoELayer
+from ..multihash import MultiHashRouter, SegmentedExpertFFN, check_hash_count
 from ..routers import HashRouter
+from ..table_file import load_table_file
 
 logger = logging.getLogger(__name__)
 
@@ -76,16 +78,27 @@ def replace_ffn(layer: nn.Module, moe: MoELayer):
 
 
 def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: int) -> MoELayer:
-    hash_fn = build_hash_function(args.hash_type)
-    table = hash_fn.build_table(
-        dictionary, args.hash_experts, num_hashes=1, seed=args.hash_seed + layer_idx
-    )
-    router = HashRouter(hash_fn, table, args.hash_experts, dictionary_fingerprint(dictionary))
+    count = getattr(args, "hash_count", 1)
+    hash_file = getattr(args, "hash_file", None)
+    check_hash_count(count, ffn_dim)
+    hash_fn = build_hash_function(args.hash_type, args.hash_experts)
+    if hash_file:
+        # one table from the file serves every hash layer
+        table = load_table_file(hash_file, dictionary, args.hash_type, args.hash_experts, count)
+    else:
+        table = hash_fn.build_table(
+            dictionary, args.hash_experts, num_hashes=count, seed=args.hash_seed + layer_idx
+        )
+    router_cls = HashRouter if count == 1 else MultiHashRouter
+    router = router_cls(hash_fn, table, args.hash_experts, dictionary_fingerprint(dictionary))
     # Experts draw from their own generator, seeded by --seed: the shared weights
     # and fairseq's random stream (dropout) stay exactly those of transformer_lm.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch.initial_seed() + 7919 * (layer_idx + 1))
-        experts = ExpertFFN(args.hash_experts, embed_dim, ffn_dim)
+        if count == 1:
+            experts = ExpertFFN(args.hash_experts, embed_dim, ffn_dim)
+        else:
+            experts = SegmentedExpertFFN(args.hash_experts, embed_dim, ffn_dim, count)
     return MoELayer(router, experts)
 
 
@@ -93,7 +106,7 @@ def log_expected_load(moe_layers, dictionary):
     counts = token_counts(dictionary)
     for idx, moe in moe_layers.items():
         router = moe.router
-        if router.table.size(0) != len(dictionary):
+        if not router.hash_fn.token_rows:
             continue  # not a token table (e.g. position); load depends on the data
         share = expected_load(router.table, counts, router.num_experts)[0]
         logger.info(
