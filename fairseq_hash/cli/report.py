@@ -22,15 +22,18 @@ import torch
 from ..errors import HashConfigError, install_excepthook
 
 
-def load_model(checkpoint, data):
+def load_model(checkpoint, data, hash_file=None):
     from fairseq import checkpoint_utils
 
     if not os.path.isfile(checkpoint):
         raise HashConfigError(f"checkpoint {checkpoint}: no such file")
     if not os.path.isfile(os.path.join(data, "dict.txt")):
         raise HashConfigError(f"data-bin {data}: no dict.txt there; give a fairseq data-bin folder")
+    overrides = {"data": data}
+    if hash_file:
+        overrides["hash_file"] = hash_file
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(
-        [checkpoint], arg_overrides={"data": data}
+        [checkpoint], arg_overrides=overrides
     )
     model = models[0].eval()
     if not getattr(model.decoder, "moe_layers", None):
@@ -152,9 +155,9 @@ def plot_load(entry, title, path):
 
 
 def report(checkpoint, data, output_dir, subset="valid", compare=None, top=10, max_tokens=4096,
-           max_batches=0):
+           max_batches=0, hash_file=None):
     """Write ``routing.json`` and ``load_layer{i}.png`` into ``output_dir``; returns the dict."""
-    model, task = load_model(checkpoint, data)
+    model, task = load_model(checkpoint, data, hash_file)
     tokens, experts, nll = collect(model, task, subset, max_tokens, max_batches)
     result = {
         "checkpoint": os.path.abspath(checkpoint),
@@ -172,7 +175,7 @@ def report(checkpoint, data, output_dir, subset="valid", compare=None, top=10, m
                   os.path.join(output_dir, entry["plot"]))
         result["layers"][str(idx)] = entry
     if compare:
-        other, other_task = load_model(compare, data)
+        other, other_task = load_model(compare, data, hash_file)
         other_tokens, other_experts, _ = collect(other, other_task, subset, max_tokens, max_batches)
         result["compare"] = {"checkpoint": os.path.abspath(compare), "changed": {}}
         for idx in experts:
@@ -217,11 +220,14 @@ def main(argv=None):
                         help="tokens a batch (default 4096)")
     parser.add_argument("--max-batches", type=int, default=0,
                         help="stop after this many batches (default 0: the whole split)")
+    parser.add_argument("--hash-file", help="where the table file of a clustered/dispersed "
+                        "checkpoint lies now, if it moved since training (the checkpoint's "
+                        "own table is used either way)")
     args = parser.parse_args(argv)
     install_excepthook()
     try:
         result = report(args.checkpoint, args.data, args.output_dir, args.subset, args.compare,
-                        args.top, args.max_tokens, args.max_batches)
+                        args.top, args.max_tokens, args.max_batches, args.hash_file)
     except HashConfigError as e:
         parser.exit(2, f"fairseq-hash-report: error: {e}\n")
     print("\n".join(summary_lines(result)))
