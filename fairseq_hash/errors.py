@@ -18,8 +18,13 @@ def install_excepthook():
         return
 
     def hook(exc_type, exc, tb):
-        if issubclass(exc_type, HashConfigError):
-            print(f"fairseq-hash: error: {exc}", file=sys.stderr)
+        # fairseq's trainer re-raises load errors as a plain Exception whose
+        # cause is ours; the cause is what the user needs to read
+        cause = exc
+        while cause is not None and not isinstance(cause, HashConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            print(f"fairseq-hash: error: {cause}", file=sys.stderr)
         else:
             previous(exc_type, exc, tb)
 

@@ -148,6 +148,22 @@ class HashTransformerDecoder(TransformerDecoder):
             self.moe_layers[idx] = moe
         log_expected_load(self.moe_layers, dictionary)
 
+    def upgrade_state_dict_named(self, state_dict, name):
+        super().upgrade_state_dict_named(state_dict, name)
+        for idx, moe in self.moe_layers.items():
+            key = f"{name}.layers.{idx}.fc1.experts.fc1_weight"
+            if key in state_dict and state_dict[key].size(0) != moe.experts.num_experts:
+                raise HashConfigError(
+                    f"the checkpoint has {state_dict[key].size(0)} experts in hash layer {idx} "
+                    f"but --hash-experts is {moe.experts.num_experts}; use the checkpoint's value"
+                )
+            missing = f"{name}.layers.{idx}.fc1.router.table"
+            if missing not in state_dict and f"{name}.layers.{idx}.fc1.weight" in state_dict:
+                raise HashConfigError(
+                    f"layer {idx} of the checkpoint is a dense FFN, not a hash layer; "
+                    f"check --hash-layer (this model routes layers {self.hash_layer_ids})"
+                )
+
     def route_inputs(self, prev_output_tokens, incremental_state=None) -> RouteInputs:
         route = RouteInputs.from_tokens(
             prev_output_tokens, self.dictionary.pad(), self.dictionary.eos()

@@ -1,0 +1,103 @@
+"""Shared helpers: a tiny corpus, fairseq's command-line tools in a subprocess."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+
+# a model small enough to train a few dozen updates in seconds on 2 cores
+TINY_MODEL = [
+    "--task", "language_modeling", "--arch", "hash_transformer_lm",
+    "--decoder-layers", "2", "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64",
+    "--decoder-attention-heads", "2", "--hash-experts", "4", "--hash-layer", "0,-1",
+    "--tokens-per-sample", "32", "--max-tokens", "512",
+]
+TINY_TRAIN = [
+    "--optimizer", "adam", "--lr", "0.005", "--lr-scheduler", "inverse_sqrt",
+    "--warmup-updates", "10", "--cpu", "--num-workers", "0", "--seed", "3",
+    "--log-format", "json", "--log-interval", "5", "--no-epoch-checkpoints",
+    "--dropout", "0.0",
+]
+
+
+def tool(name):
+    return os.path.join(BIN, name)
+
+
+def user_dir():
+    out = subprocess.run([tool("fairseq-hash-user-dir")], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def run(args, cwd=None, check=True):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def json_logs(text, tag):
+    """fairseq's --log-format json lines of one kind ('train_inner', 'valid', ...)."""
+    rows = []
+    for line in text.splitlines():
+        if f"| {tag} |" in line and "{" in line:
+            row = json.loads(line[line.index("{"):])
+            rows.append({k: _number(v) for k, v in row.items()})
+    return rows
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def write_corpus(folder, lines=600, vocab=120, seed=0):
+    """Zipf-distributed words with local structure, split into train/valid/test."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocab)]
+    weights = [1.0 / (i + 1) for i in range(vocab)]
+    os.makedirs(folder, exist_ok=True)
+    splits = {"train": lines, "valid": lines // 10, "test": lines // 10}
+    for split, n in splits.items():
+        with open(os.path.join(folder, f"{split}.txt"), "w") as f:
+            for _ in range(n):
+                first = rng.choices(words, weights)[0]
+                sent = [first]
+                for _ in range(rng.randint(4, 14)):
+                    # each word tends to be followed by its neighbour: learnable
+                    prev = int(sent[-1][1:])
+                    nxt = (prev + 1) % vocab if rng.random() < 0.6 else int(rng.choices(words, weights)[0][1:])
+                    sent.append(words[nxt])
+                f.write(" ".join(sent) + "\n")
+    return folder
+
+
+def preprocess(raw, dest):
+    run([tool("fairseq-preprocess"), "--only-source", "--task", "language_modeling",
+         "--trainpref", os.path.join(raw, "train.txt"), "--validpref", os.path.join(raw, "valid.txt"),
+         "--testpref", os.path.join(raw, "test.txt"), "--destdir", dest, "--workers", "1"])
+    return dest
+
+
+@pytest.fixture(scope="session")
+def data_bin(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return preprocess(write_corpus(str(root / "raw")), str(root / "data-bin"))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, data_bin):
+    """A tiny hash-layer LM trained for 40 updates; returns (save_dir, stdout)."""
+    save = str(tmp_path_factory.mktemp("ckpt"))
+    proc = run([tool("fairseq-train"), data_bin, "--user-dir", user_dir(), *TINY_MODEL,
+                *TINY_TRAIN, "--max-update", "40", "--save-dir", save])
+    return save, proc.stdout + proc.stderr

@@ -1,0 +1,61 @@
+"""Bad flags and mismatching checkpoints: one clear line, nothing on disk touched."""
+import os
+import shutil
+
+import pytest
+
+from conftest import TINY_MODEL, TINY_TRAIN, preprocess, run, tool, user_dir, write_corpus
+
+
+def error_line(proc):
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("fairseq-hash: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def train_with(data_bin, save_dir, *extra):
+    return run([tool("fairseq-train"), data_bin, "--user-dir", user_dir(), *TINY_MODEL,
+                *TINY_TRAIN, "--max-update", "50", "--save-dir", save_dir, *extra], check=False)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--hash-layer", "2"], "--hash-layer 2 is outside the model"),
+    (["--hash-layer", "-3"], "valid indices are -2..1"),
+    (["--hash-layer", "first"], "--hash-layer 'first'"),
+    (["--hash-experts", "1"], "--hash-experts 1: must be at least 2"),
+    (["--hash-type", "md5"], "--hash-type 'md5' is unknown; valid:"),
+])
+def test_bad_flag_gives_one_line_and_keeps_existing_checkpoint(trained, data_bin, tmp_path, flags, expected):
+    save, _ = trained
+    kept = str(tmp_path / "kept")
+    shutil.copytree(save, kept)
+    before = {f: open(os.path.join(kept, f), "rb").read() for f in os.listdir(kept)}
+    line = error_line(train_with(data_bin, kept, *flags))
+    assert expected in line
+    after = {f: open(os.path.join(kept, f), "rb").read() for f in os.listdir(kept)}
+    assert after == before
+
+
+def test_checkpoint_with_another_dictionary_is_refused(trained, tmp_path):
+    save, _ = trained
+    # same number of symbols, other words: only the fingerprint can tell
+    other = preprocess(write_corpus(str(tmp_path / "raw"), seed=1, vocab=120), str(tmp_path / "other-bin"))
+    with open(os.path.join(other, "dict.txt")) as f:
+        lines = f.readlines()
+    with open(os.path.join(other, "dict.txt"), "w") as f:
+        f.writelines(["zz" + l for l in lines])
+    proc = run([tool("fairseq-eval-lm"), other, "--path", os.path.join(save, "checkpoint_last.pt"),
+                "--user-dir", user_dir(), "--cpu", "--max-tokens", "512"], check=False)
+    assert "was built for another dictionary" in error_line(proc)
+
+
+def test_resuming_with_another_number_of_experts_is_refused(trained, data_bin, tmp_path):
+    save, _ = trained
+    kept = str(tmp_path / "kept")
+    shutil.copytree(save, kept)
+    before = open(os.path.join(kept, "checkpoint_last.pt"), "rb").read()
+    proc = train_with(data_bin, kept, "--hash-experts", "8")
+    assert "the checkpoint has 4 experts in hash layer 0 but --hash-experts is 8" in error_line(proc)
+    assert open(os.path.join(kept, "checkpoint_last.pt"), "rb").read() == before
