@@ -106,3 +106,10 @@ def hashfns_train(data, save_dir, *extra, updates=8):
         hashfns_run(["fairseq-train", data, "--user-dir", hashfns_user_dir(), *HASHFNS_TINY,
                      "--max-update", updates, "--save-dir", save_dir, *extra])
     return ckpt
+
+
+def hashfns_multihash_checkpoint(basetemp, corpus):
+    """A tiny bigram MultiHash (N=2) LM on both layers, trained once per test session."""
+    return hashfns_train(corpus, os.path.join(str(basetemp), "hashfns_multihash"),
+                         "--hash-type", "bigram", "--hash-count", 2, "--hash-layer", "0,1",
+                         updates=3)

@@ -1,10 +1,13 @@
 """MultiHash (--hash-count N): N hashes, each choosing one segment of the FFN."""
 import argparse
+import os
 
 import pytest
 import torch
 
-from hashfns_util import hashfns_data_dir, hashfns_dictionary, hashfns_model, hashfns_tokens
+from hashfns_util import (HASHFNS_TINY, hashfns_corpus, hashfns_data_dir, hashfns_dictionary,
+                          hashfns_model, hashfns_multihash_checkpoint, hashfns_run, hashfns_tokens,
+                          hashfns_user_dir)
 from fairseq_hash.errors import HashConfigError
 from fairseq_hash.experts import ExpertFFN
 from fairseq_hash.hashing import RouteInputs
@@ -115,3 +118,22 @@ def test_hashes_of_multihash_are_different_tables():
         moe = build_hash_moe(moe_args(hash_type=name, hash_count=2, hash_experts=8), d, 0, 8, 16)
         table = moe.router.table
         assert not torch.equal(table[:, 0], table[:, 1]), name
+
+
+def test_a_multihash_checkpoint_resumes_and_refuses_another_count(tmp_path_factory, tmp_path):
+    import shutil
+
+    corpus = hashfns_corpus(str(tmp_path_factory.getbasetemp() / "hashfns_corpus"))
+    ckpt = hashfns_multihash_checkpoint(tmp_path_factory.getbasetemp(), corpus)
+    flags = ["fairseq-train", corpus, "--user-dir", hashfns_user_dir(), *HASHFNS_TINY,
+             "--hash-type", "bigram", "--hash-layer", "0,1", "--max-update", 4]
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.dirname(ckpt), resumed)
+    proc = hashfns_run([*flags, "--hash-count", 2, "--save-dir", resumed])
+    assert "num_updates 4" in proc.stderr + proc.stdout or '"num_updates": "4"' in proc.stderr + proc.stdout
+    other = str(tmp_path / "other")
+    shutil.copytree(os.path.dirname(ckpt), other)
+    proc = hashfns_run([*flags, "--hash-count", 1, "--save-dir", other], check=False)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("fairseq-hash: error:")]
+    assert errors == ["fairseq-hash: error: the checkpoint has 2 hash(es) in hash layer 0 but "
+                      "--hash-count is 1; use the checkpoint's value"]

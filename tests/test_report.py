@@ -2,10 +2,11 @@
 import json
 import math
 import os
+import random
 
 import pytest
 
-from hashfns_util import hashfns_corpus, hashfns_run, hashfns_train
+from hashfns_util import hashfns_corpus, hashfns_multihash_checkpoint, hashfns_run
 from fairseq_hash.cli.report import load_stats
 
 
@@ -16,9 +17,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def multihash_checkpoint(tmp_path_factory, corpus):
-    return hashfns_train(corpus, str(tmp_path_factory.getbasetemp() / "hashfns_multihash"),
-                         "--hash-type", "bigram", "--hash-count", 2, "--hash-layer", "0,1",
-                         updates=3)
+    return hashfns_multihash_checkpoint(tmp_path_factory.getbasetemp(), corpus)
 
 
 def test_report_writes_json_and_a_plot_per_layer(tmp_path, corpus, multihash_checkpoint):
@@ -58,3 +57,23 @@ def test_report_refuses_a_missing_checkpoint_in_one_line(tmp_path, corpus):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("fairseq-hash-report: error: checkpoint")
     assert not os.path.exists(tmp_path / "routing.json")
+
+
+def test_hash_study_writes_its_table_and_plot(tmp_path):
+    text = tmp_path / "corpus.txt"
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6))) for _ in range(150)]
+    lines = [" ".join(rng.choices(words, k=rng.randint(5, 15))) for _ in range(800)]
+    text.write_text("\n".join(lines) + "\n")
+    work = tmp_path / "study"
+    proc = hashfns_run(["python", "-m", "fairseq_hash.cli.hash_study", text, "--quick",
+                        "--work-dir", work, "--runs", "dense,balanced,clustered", "--updates", 2,
+                        "--validate-every", 1, "--vocab-size", 100])
+    table = (work / "results.md").read_text()
+    for row in ("no hash layer", "| balanced |", "| clustered |"):
+        assert row in table and row in proc.stdout
+    assert (work / "valid_ppl.png").read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads((work / "results.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["dense", "balanced", "clustered"]
+    assert all(len(r["valid_curve"]) == 2 and math.isfinite(r["test_ppl"]) for r in rows)
+    assert (work / "tables" / "clustered-4.json").is_file()

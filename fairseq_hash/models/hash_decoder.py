@@ -152,10 +152,20 @@ class HashTransformerDecoder(TransformerDecoder):
         super().upgrade_state_dict_named(state_dict, name)
         for idx, moe in self.moe_layers.items():
             key = f"{name}.layers.{idx}.fc1.experts.fc1_weight"
-            if key in state_dict and state_dict[key].size(0) != moe.experts.num_experts:
+            # MultiHash dispatches to K*N narrow experts but stores K FFNs
+            num_ffns = getattr(moe.experts, "num_ffns", moe.experts.num_experts)
+            if key in state_dict and state_dict[key].size(0) != num_ffns:
                 raise HashConfigError(
                     f"the checkpoint has {state_dict[key].size(0)} experts in hash layer {idx} "
-                    f"but --hash-experts is {moe.experts.num_experts}; use the checkpoint's value"
+                    f"but --hash-experts is {num_ffns}; use the checkpoint's value"
+                )
+            table = state_dict.get(f"{name}.layers.{idx}.fc1.router.table")
+            if table is not None and table.size(1) != moe.router.table.size(1):
+                per_hash = moe.router.hash_fn.columns_per_hash
+                raise HashConfigError(
+                    f"the checkpoint has {table.size(1) // per_hash} hash(es) in hash layer "
+                    f"{idx} but --hash-count is {moe.router.table.size(1) // per_hash}; use "
+                    f"the checkpoint's value"
                 )
             missing = f"{name}.layers.{idx}.fc1.router.table"
             if missing not in state_dict and f"{name}.layers.{idx}.fc1.weight" in state_dict:
