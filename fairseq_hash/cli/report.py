@@ -141,13 +141,13 @@ def plot_load(entry, title, path):
     import matplotlib.pyplot as plt
 
     k = entry["num_experts"]
-    fig, ax = plt.subplots(figsize=(max(4, 0.25 * k + 2), 3))
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.25 * k + 2), 3.2))
     ax.bar(range(k), entry["share"], color="tab:blue")
     ax.axhline(1.0 / k, color="black", linestyle="--", linewidth=1, label="uniform 1/K")
     ax.set_xlabel("expert")
     ax.set_ylabel("share of tokens")
     ax.set_title(f"{title}: max/mean {entry['max_over_mean']:.2f}, "
-                 f"entropy {entry['entropy_normalized']:.2f} of max")
+                 f"entropy {entry['entropy_normalized']:.2f} of max", fontsize=9)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
