@@ -18,6 +18,8 @@ setup(
         "console_scripts": [
             "fairseq-hash-user-dir=fairseq_hash.cli.user_dir:main",
             "fairseq-hash-prepare=fairseq_hash.cli.prepare:main",
+            "fairseq-hash-demo=fairseq_hash.cli.demo:main",
+            "fairseq-hash-help=fairseq_hash.cli.flags:main",
             "fairseq-hash-table=fairseq_hash.cli.hash_table:main",
             "fairseq-hash-report=fairseq_hash.cli.report:main",
             "fairseq-hash-study=fairseq_hash.cli.hash_study:main",

@@ -134,7 +134,7 @@ def prepare(output_dir, text=None, vocab_size=2000, valid_pct=5.0, test_pct=5.0,
         encode_file(sp, os.path.join(raw, f"{split}.txt"), os.path.join(raw, f"{split}.spm"))
     tmp = data_bin + ".tmp"
     subprocess.run(
-        ["fairseq-preprocess", "--only-source", "--task", "language_modeling",
+        [os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), "--only-source", "--task", "language_modeling",
          "--trainpref", os.path.join(raw, "train.spm"),
          "--validpref", os.path.join(raw, "valid.spm"),
          "--testpref", os.path.join(raw, "test.spm"),

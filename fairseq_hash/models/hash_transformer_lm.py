@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
+from fairseq.dataclass import FairseqDataclass
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models import transformer_lm as fairseq_lm
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class HashLayerConfig:
+class HashLayerConfig(FairseqDataclass):
     hash_layer: str = field(
         default="-1",
         metadata={
