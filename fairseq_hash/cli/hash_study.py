@@ -265,8 +265,6 @@ def main(argv=None):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from .prepare import prepare
 
-    # prepare() runs fairseq-preprocess by name: find it beside this Python
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     os.makedirs(a.work_dir, exist_ok=True)
     data = prepare(os.path.join(a.work_dir, "data"), a.text or None, a.vocab_size,
                    max_lines=a.max_lines)
