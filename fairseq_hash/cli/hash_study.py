@@ -183,22 +183,31 @@ def markdown(rows, a):
 
 
 def plot(rows, path):
+    """Validation perplexity over updates; right: relative to the run with no hash layer."""
     import matplotlib
 
     matplotlib.use("Agg")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    dense = dict(next((r["valid_curve"] for r in rows if r["run"] == "dense"), []))
     for r in rows:
-        if r["valid_curve"]:
-            x, y = zip(*r["valid_curve"])
-            ax.plot(x, y, marker=".", label=r["run"], linestyle="--" if r["run"] == "future" else "-")
-    ax.set_xlabel("updates")
-    ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.set_title("Hash study: validation perplexity")
+        if not r["valid_curve"]:
+            continue
+        style = dict(marker=".", label=r["run"], linestyle="--" if r["run"] == "future" else "-")
+        x, y = zip(*r["valid_curve"])
+        left.plot(x, y, **style)
+        shared = [(u, p / dense[u]) for u, p in r["valid_curve"] if u in dense]
+        if shared and r["run"] not in ("dense", "future"):
+            right.plot(*zip(*shared), **style)
+    left.set_yscale("log")
+    left.set_title("validation perplexity")
+    right.axhline(1.0, color="black", linewidth=1, label="no hash layer")
+    right.set_title("relative to no hash layer (the oracle left out)")
+    for ax in (left, right):
+        ax.set_xlabel("updates")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
