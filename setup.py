@@ -21,6 +21,9 @@ setup(
             "fairseq-hash-demo=fairseq_hash.cli.demo:main",
             "fairseq-hash-help=fairseq_hash.cli.flags:main",
             "fairseq-hash-compare=fairseq_hash.cli.compare:main",
+            "fairseq-hash-table=fairseq_hash.cli.hash_table:main",
+            "fairseq-hash-report=fairseq_hash.cli.report:main",
+            "fairseq-hash-study=fairseq_hash.cli.hash_study:main",
         ],
     },
 )

@@ -15,6 +15,26 @@ A hash function is one small class, registered by name with
 one column per hash of MultiHash) and maps the token context to experts by
 looking rows up. Padding is always sent to expert 0 (its outputs never reach a
 loss); end-of-sentence, beginning-of-sentence and unknown are ordinary tokens.
+
+The types (``--hash-type``), by what they look at:
+
+    random      x_t            seeded uniform table               [V, N]
+    balanced    x_t            greedy over dict.txt counts        [V, N]
+    clustered   x_t            k-means cluster of x_t's embedding [V, N]  (from a file)
+    dispersed   x_t            k-means clusters spread out        [V, N]  (from a file)
+    previous    x_{t-1}        the balanced table                 [V, N]
+    future      x_{t+1}        the balanced table (an oracle)     [V, N]
+    bigram      x_{t-1}, x_t   balanced(x_t) + offset(x_{t-1})    [V, 2N]
+    position    t              t mod K, permuted per hash         [K, N]
+
+Context is defined once, in :meth:`RouteInputs.from_tokens`, from the tokens
+the decoder receives, so training, ``fairseq-eval-lm`` and incremental
+decoding (which receives the whole prefix) route alike: the token before the
+first one of a sequence is end-of-sentence (fairseq's start symbol), the
+position is the count of non-padding tokens before a token, and the token
+after the last one is end-of-sentence. ``future`` therefore sees the label at
+every position but the last of a block; it is for analysis, and refuses
+incremental decoding, where the next token is not known.
 """
 import hashlib
 import heapq
@@ -39,12 +59,13 @@ def register_hash(name: str):
     return wrap
 
 
-def build_hash_function(name: str) -> "HashFunction":
+def build_hash_function(name: str, num_experts: int = 0) -> "HashFunction":
+    """An instance of the hash type ``name``; bigram needs ``num_experts`` to route."""
     if name not in HASH_REGISTRY:
         raise HashConfigError(
             f"--hash-type {name!r} is unknown; valid: {', '.join(sorted(HASH_REGISTRY))}"
         )
-    return HASH_REGISTRY[name]()
+    return HASH_REGISTRY[name](num_experts)
 
 
 @dataclass
@@ -74,6 +95,8 @@ class RouteInputs:
         prev = torch.cat([tokens.new_full((tokens.size(0), 1), eos_idx), tokens[:, :-1]], 1)
         prev = prev.masked_fill(prev.eq(pad_idx), eos_idx)
         nxt = torch.cat([tokens[:, 1:], tokens.new_full((tokens.size(0), 1), eos_idx)], 1)
+        # so that right padding (eval-lm) and left padding see the same future
+        nxt = nxt.masked_fill(nxt.eq(pad_idx), eos_idx)
         positions = ((~pad).long().cumsum(1) - 1).clamp(min=0)
         return cls(tokens=tokens, prev_tokens=prev, positions=positions, pad=pad, next_tokens=nxt)
 
@@ -93,6 +116,11 @@ class HashFunction:
     """Base class: one named way to map token context to experts."""
 
     name = "?"
+    columns_per_hash = 1  # table columns of one hash
+    token_rows = True  # one row per dictionary symbol (else any number, e.g. positions)
+
+    def __init__(self, num_experts: int = 0):
+        self.num_experts = num_experts
 
     def build_table(self, dictionary, num_experts: int, num_hashes: int, seed: int):
         """Return a LongTensor ``[R, num_hashes]`` of expert ids in [0, num_experts)."""
@@ -122,6 +150,7 @@ class RandomHash(HashFunction):
     """A seeded uniform random table token id -> expert (one column per hash)."""
 
     def build_table(self, dictionary, num_experts, num_hashes, seed):
+        self.num_experts = num_experts
         gen = torch.Generator().manual_seed(seed)
         return torch.randint(num_experts, (len(dictionary), num_hashes), generator=gen)
 
@@ -152,6 +181,7 @@ class BalancedHash(HashFunction):
     """
 
     def build_table(self, dictionary, num_experts, num_hashes, seed):
+        self.num_experts = num_experts
         counts = token_counts(dictionary)
         columns = [greedy_balance(counts, num_experts)]
         for m in range(1, num_hashes):
@@ -162,6 +192,198 @@ class BalancedHash(HashFunction):
             column[perm] = greedy_balance(counts[perm], num_experts)
             columns.append(column)
         return torch.stack(columns, dim=1)
+
+
+class _ContextTokenHash(BalancedHash):
+    """The balanced table, looked up on a token of the context other than x_t."""
+
+    def context(self, inputs: RouteInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def route(self, table, inputs):
+        experts = table[self.context(inputs)]  # [B, T, N]
+        return experts.masked_fill(inputs.pad.unsqueeze(-1), 0)
+
+
+@register_hash("previous")
+class PreviousHash(_ContextTokenHash):
+    """Route x_t by the token before it, x_{t-1} (end-of-sentence at a start)."""
+
+    def context(self, inputs):
+        return inputs.prev_tokens
+
+
+@register_hash("future")
+class FutureHash(_ContextTokenHash):
+    """Route x_t by the token after it, x_{t+1}: in a language model, the label.
+
+    An oracle for analysis only (the paper's "future" hash): it trains and
+    evaluates, and refuses incremental decoding, where x_{t+1} is unknown.
+    """
+
+    def context(self, inputs):
+        if inputs.next_tokens is None:
+            raise HashConfigError(
+                "--hash-type future routes each token by the next one, which generation "
+                "does not know; it is an analysis oracle: use fairseq-eval-lm, or train "
+                "with another --hash-type to generate"
+            )
+        return inputs.next_tokens
+
+
+@register_hash("bigram")
+class BigramHash(BalancedHash):
+    """Route x_t by the pair (x_{t-1}, x_t), without a V x V table.
+
+    The table ``[V, 2N]`` holds two columns per hash m: column m is the
+    balanced expert of the current token, column N + m a seeded random offset
+    of the previous token, and the pair goes to ``(balanced[x_t] +
+    offset[x_{t-1}]) mod K``. After any one previous token the current tokens
+    are thus spread exactly as the balanced hash spreads them (a cyclic shift
+    of it), while one token is sent to different experts after different
+    predecessors; two pairs that differ in either token collide with
+    probability 1/K over the offsets' draw.
+    """
+
+    columns_per_hash = 2
+
+    def build_table(self, dictionary, num_experts, num_hashes, seed):
+        current = super().build_table(dictionary, num_experts, num_hashes, seed)
+        gen = torch.Generator().manual_seed(seed)
+        offset = torch.randint(num_experts, (len(dictionary), num_hashes), generator=gen)
+        return torch.cat([current, offset], dim=1)
+
+    def route(self, table, inputs):
+        if self.num_experts < 1:
+            raise ValueError("a bigram hash routes modulo K: build it with num_experts")
+        n = table.size(1) // 2
+        experts = (table[inputs.tokens, :n] + table[inputs.prev_tokens, n:]) % self.num_experts
+        return experts.masked_fill(inputs.pad.unsqueeze(-1), 0)
+
+
+@register_hash("position")
+class PositionHash(HashFunction):
+    """Route x_t by its position t alone: expert ``table[t mod R]``.
+
+    The built table has R = K rows: hash 0 sends position t to expert t mod K,
+    hash m > 0 to a seeded permutation of that. A table of any R rows may be
+    brought in a file (positions wrap around modulo R).
+    """
+
+    token_rows = False
+
+    def build_table(self, dictionary, num_experts, num_hashes, seed):
+        self.num_experts = num_experts
+        gen = torch.Generator().manual_seed(seed)
+        columns = [torch.arange(num_experts)]
+        for _ in range(1, num_hashes):
+            columns.append(torch.randperm(num_experts, generator=gen))
+        return torch.stack(columns, dim=1)
+
+    def route(self, table, inputs):
+        experts = table[inputs.positions % table.size(0)]
+        return experts.masked_fill(inputs.pad.unsqueeze(-1), 0)
+
+
+def kmeans(points: torch.Tensor, num_clusters: int, seed: int, iterations: int = 50):
+    """Lloyd's k-means with k-means++ seeding: cluster id ``[V]`` of each point ``[V, d]``.
+
+    Deterministic for a seed. An emptied cluster is re-seeded with the point
+    farthest from its centre, so every cluster id in [0, num_clusters) is used
+    whenever there are at least as many distinct points.
+    """
+    points = points.double()
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.randint(points.size(0), (1,), generator=gen)
+    centres = points[first]
+    for _ in range(1, num_clusters):
+        dist = torch.cdist(points, centres).min(dim=1).values ** 2
+        if float(dist.sum()) == 0:
+            pick = torch.randint(points.size(0), (1,), generator=gen)
+        else:
+            pick = torch.multinomial(dist / dist.sum(), 1, generator=gen)
+        centres = torch.cat([centres, points[pick]])
+    assign = torch.full((points.size(0),), -1, dtype=torch.long)
+    for _ in range(iterations):
+        dist = torch.cdist(points, centres)  # [V, C]
+        new = dist.argmin(dim=1)
+        sizes = torch.bincount(new, minlength=num_clusters)
+        for c in (sizes == 0).nonzero().flatten().tolist():
+            own = dist.gather(1, new.unsqueeze(1)).squeeze(1)
+            own[sizes[new] <= 1] = -1  # never empty another cluster
+            far = int(own.argmax())
+            sizes[new[far]] -= 1
+            new[far], sizes[c] = c, 1
+        if torch.equal(new, assign):
+            break
+        assign = new
+        sums = torch.zeros_like(centres).index_add_(0, assign, points)
+        sizes = torch.bincount(assign, minlength=num_clusters).clamp(min=1).unsqueeze(1)
+        centres = sums / sizes
+    return assign
+
+
+def disperse(clusters: torch.Tensor, counts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Spread each cluster's members over different experts: table ``[V]``.
+
+    Members go, most frequent first, to the lightest expert (by expected
+    token count) among those holding the fewest members of their cluster so
+    far. No two members of a cluster share an expert while the cluster has
+    at most K members; larger ones are spread as evenly as counts allow.
+    """
+    table = torch.zeros(len(clusters), dtype=torch.long)
+    load = [0.0] * num_experts
+    order = sorted(range(len(clusters)), key=lambda i: (-float(counts[i]), i))
+    held = {}  # cluster -> members it has on each expert
+    for token in order:
+        mine = held.setdefault(int(clusters[token]), [0] * num_experts)
+        expert = min(range(num_experts), key=lambda e: (mine[e], load[e], e))
+        table[token] = expert
+        mine[expert] += 1
+        load[expert] += float(counts[token])
+    return table
+
+
+class _EmbeddingHash(HashFunction):
+    """Token tables computed from a trained model's input embeddings.
+
+    They need a checkpoint, so they are built by ``fairseq-hash-table`` into
+    a table file and trained with ``--hash-file``. Hash m of MultiHash runs
+    k-means from seed + m.
+    """
+
+    def build_table(self, dictionary, num_experts, num_hashes, seed):
+        raise HashConfigError(
+            f"--hash-type {self.name} is computed from a trained model's embeddings: build "
+            f"a table with `fairseq-hash-table {self.name} --checkpoint CKPT --experts "
+            f"{num_experts} --output FILE` and train with --hash-file FILE"
+        )
+
+    def table_from_embeddings(self, embeddings, counts, num_experts, num_hashes, seed,
+                              num_clusters=None):
+        """``embeddings [V, d]``, ``counts [V]`` -> table ``[V, num_hashes]``."""
+        self.num_experts = num_experts
+        columns = []
+        for m in range(num_hashes):
+            clusters = kmeans(embeddings, num_clusters or num_experts, seed + m)
+            columns.append(self.assign(clusters, counts, num_experts))
+        return torch.stack(columns, dim=1)
+
+
+@register_hash("clustered")
+class ClusteredHash(_EmbeddingHash):
+    """One k-means cluster of input embeddings per expert: similar tokens share one."""
+
+    def assign(self, clusters, counts, num_experts):
+        return clusters % num_experts
+
+
+@register_hash("dispersed")
+class DispersedHash(_EmbeddingHash):
+    """The clustered hash's clusters, each spread over as many experts as it can be."""
+
+    def assign(self, clusters, counts, num_experts):
+        return disperse(clusters, counts, num_experts)
 
 
 def expected_load(table: torch.Tensor, counts: torch.Tensor, num_experts: int):

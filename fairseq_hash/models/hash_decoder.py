@@ -23,7 +23,9 @@ from ..experts import ExpertFFN
 from ..hashing import (RouteInputs, build_hash_function, dictionary_fingerprint,
                        expected_load, token_counts)
 from ..moe_layer import MoELayer
+from ..multihash import MultiHashRouter, SegmentedExpertFFN, check_hash_count
 from ..routers import ROUTERS, HashRouter, build_learned_router
+from ..table_file import load_table_file
 
 logger = logging.getLogger(__name__)
 
@@ -80,23 +82,40 @@ def replace_ffn(layer: nn.Module, moe: MoELayer):
     layer.fc2 = nn.Identity()
 
 
+def build_hash_router(args, dictionary, layer_idx: int, count: int) -> HashRouter:
+    hash_fn = build_hash_function(args.hash_type, args.hash_experts)
+    hash_file = getattr(args, "hash_file", None)
+    if hash_file:
+        # one table from the file serves every hash layer
+        table = load_table_file(hash_file, dictionary, args.hash_type, args.hash_experts, count)
+    else:
+        table = hash_fn.build_table(
+            dictionary, args.hash_experts, num_hashes=count, seed=args.hash_seed + layer_idx
+        )
+    router_cls = HashRouter if count == 1 else MultiHashRouter
+    return router_cls(hash_fn, table, args.hash_experts, dictionary_fingerprint(dictionary))
+
+
 def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: int) -> MoELayer:
+    learned = getattr(args, "router", "hash") != "hash"
+    count = getattr(args, "hash_count", 1)
+    check_hash_count(count, ffn_dim)
+    if learned and count > 1:
+        raise HashConfigError(f"--hash-count {count} needs --router hash (MultiHash is a hash router)")
+    if not learned:
+        router = build_hash_router(args, dictionary, layer_idx, count)
     # Experts and learned routers draw from their own generator, seeded by --seed:
     # the shared weights and fairseq's random stream (dropout) stay exactly those
     # of transformer_lm, and the experts start equal whatever the router.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch.initial_seed() + 7919 * (layer_idx + 1))
-        experts = ExpertFFN(args.hash_experts, embed_dim, ffn_dim)
-        if getattr(args, "router", "hash") != "hash":
+        if count == 1:
+            experts = ExpertFFN(args.hash_experts, embed_dim, ffn_dim)
+        else:
+            experts = SegmentedExpertFFN(args.hash_experts, embed_dim, ffn_dim, count)
+        if learned:
             router = build_learned_router(args.router, embed_dim, args.hash_experts,
                                           getattr(args, "capacity_factor", 1.25))
-    if getattr(args, "router", "hash") == "hash":
-        hash_fn = build_hash_function(args.hash_type)
-        table = hash_fn.build_table(
-            dictionary, args.hash_experts, num_hashes=1, seed=args.hash_seed + layer_idx
-        )
-        router = HashRouter(hash_fn, table, args.hash_experts,
-                            dictionary_fingerprint(dictionary))
     return MoELayer(router, experts)
 
 
@@ -106,7 +125,7 @@ def log_expected_load(moe_layers, dictionary):
         router = moe.router
         if not isinstance(router, HashRouter):
             continue  # a learned router: its load is learned, not known ahead
-        if router.table.size(0) != len(dictionary):
+        if not router.hash_fn.token_rows:
             continue  # not a token table (e.g. position); load depends on the data
         share = expected_load(router.table, counts, router.num_experts)[0]
         logger.info(
@@ -152,10 +171,20 @@ class HashTransformerDecoder(TransformerDecoder):
         super().upgrade_state_dict_named(state_dict, name)
         for idx, moe in self.moe_layers.items():
             key = f"{name}.layers.{idx}.fc1.experts.fc1_weight"
-            if key in state_dict and state_dict[key].size(0) != moe.experts.num_experts:
+            # MultiHash dispatches to K*N narrow experts but stores K FFNs
+            num_ffns = getattr(moe.experts, "num_ffns", moe.experts.num_experts)
+            if key in state_dict and state_dict[key].size(0) != num_ffns:
                 raise HashConfigError(
                     f"the checkpoint has {state_dict[key].size(0)} experts in hash layer {idx} "
-                    f"but --hash-experts is {moe.experts.num_experts}; use the checkpoint's value"
+                    f"but --hash-experts is {num_ffns}; use the checkpoint's value"
+                )
+            table = state_dict.get(f"{name}.layers.{idx}.fc1.router.table")
+            if table is not None and table.size(1) != moe.router.table.size(1):
+                per_hash = moe.router.hash_fn.columns_per_hash
+                raise HashConfigError(
+                    f"the checkpoint has {table.size(1) // per_hash} hash(es) in hash layer "
+                    f"{idx} but --hash-count is {moe.router.table.size(1) // per_hash}; use "
+                    f"the checkpoint's value"
                 )
             missing = f"{name}.layers.{idx}.fc1.router.table"
             if missing not in state_dict and f"{name}.layers.{idx}.fc1.weight" in state_dict:

@@ -11,6 +11,7 @@ exists here with a ``hash_`` prefix.
 """
 import logging
 from dataclasses import dataclass, field
+from typing import Optional
 
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import register_model, register_model_architecture
@@ -41,7 +42,9 @@ class HashLayerConfig(FairseqDataclass):
         metadata={
             "help": "hash function from token to expert: "
             + ", ".join(sorted(HASH_REGISTRY))
-            + " (balanced: greedy over dict.txt counts; random: seeded table)"
+            + " (balanced: greedy over dict.txt counts; random: seeded table; bigram, "
+            "previous, future, position: by token pair, previous token, next token "
+            "(an oracle: no generation), position; clustered, dispersed: need --hash-file)"
         },
     )
     hash_seed: int = field(
@@ -64,6 +67,23 @@ class HashLayerConfig(FairseqDataclass):
             "capacity-factor * tokens / experts tokens of a batch; the rest skip the "
             "layer's FFN and are counted as dropped (top2 uses fairscale's fixed 2 * "
             "tokens / experts; evaluation drops nothing)"
+        },
+    )
+    hash_count: int = field(
+        default=1,
+        metadata={
+            "help": "MultiHash: number of hashes N; each picks the expert of one of N "
+            "equal segments of the FFN's hidden units (--decoder-ffn-embed-dim must "
+            "divide by N; 1: the plain hash layer)"
+        },
+    )
+    hash_file: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "JSON table file from fairseq-hash-table (or your own, see "
+            "docs/hash_tables.md) used by every hash layer instead of building one; "
+            "its type, expert count and dictionary must match --hash-type, "
+            "--hash-experts and the data"
         },
     )
 

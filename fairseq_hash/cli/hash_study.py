@@ -1,0 +1,306 @@
+"""The paper's hash study, rerunnable: one small LM per hash type, same settings.
+
+    run/hash_study.sh                           # built-in corpus, about 30 minutes on 2 cores
+    run/hash_study.sh a.txt b.txt --updates 2000 --experts 16
+    run/hash_study.sh --quick                   # a smoke test of a few minutes
+
+Trains, with identical data, seed and settings: the model with no hash layer
+(``transformer_lm``), then ``hash_transformer_lm`` with each hash type, MultiHash
+(balanced, ``--hash-count``) and the ``future`` oracle. ``clustered`` and
+``dispersed`` tables come from k-means over the no-hash model's input
+embeddings (``fairseq-hash-table``). Each model is evaluated (its last
+checkpoint) on valid and test; the load of its hash layers is measured on
+valid. Writes ``WORK/results.md`` (the table, also printed), ``results.json``,
+``valid_ppl.png`` (validation perplexity over updates) and, per run,
+``runs/NAME/{train.log,routing/}``. A run whose checkpoint exists is not
+trained again, so an interrupted study resumes where it stopped.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+
+from ..errors import HashConfigError, install_excepthook
+
+logger = logging.getLogger("fairseq_hash.hash_study")
+
+# rows in the paper's order of quality (balanced ~ random > dispersed > clustered,
+# bigram, previous, position); the oracle last
+HASH_RUNS = ["balanced", "random", "multihash", "dispersed", "clustered", "bigram", "previous",
+             "position", "future"]
+QUICK = dict(updates=30, validate_every=10, embed_dim=32, ffn_dim=64, max_tokens=1024,
+             max_lines=1500, vocab_size=500, experts=4, warmup=5)
+
+
+def tool(name):
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+def model_flags(a):
+    return ["--decoder-layers", a.layers, "--decoder-embed-dim", a.embed_dim,
+            "--decoder-ffn-embed-dim", a.ffn_dim, "--decoder-attention-heads", a.heads,
+            "--tokens-per-sample", a.tokens_per_sample, "--dropout", a.dropout]
+
+
+def train_flags(a):
+    return ["--task", "language_modeling", "--max-tokens", a.max_tokens,
+            "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", a.lr,
+            "--lr-scheduler", "inverse_sqrt", "--warmup-updates", a.warmup,
+            "--warmup-init-lr", "1e-07", "--clip-norm", "1.0", "--max-update", a.updates,
+            "--validate-interval-updates", a.validate_every, "--seed", a.seed, "--cpu",
+            "--num-workers", "0", "--log-format", "json", "--log-interval", a.validate_every,
+            "--no-epoch-checkpoints", "--no-save-optimizer-state"]
+
+
+def run_flags(name, a, tables):
+    """Model flags of one row of the study."""
+    if name == "dense":
+        return ["--arch", "transformer_lm"]
+    hash_type = "balanced" if name == "multihash" else name
+    flags = ["--arch", "hash_transformer_lm", "--user-dir", user_dir(), "--hash-type", hash_type,
+             "--hash-experts", a.experts, "--hash-layer", a.hash_layer]
+    if name == "multihash":
+        flags += ["--hash-count", a.hash_count]
+    if name in tables:
+        flags += ["--hash-file", tables[name]]
+    return flags
+
+
+def user_dir():
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train(name, data, a, tables):
+    """Train one row (unless it was trained with these very flags); returns its folder."""
+    folder = os.path.join(a.work_dir, "runs", name)
+    ckpt = os.path.join(folder, "checkpoint_last.pt")
+    log = os.path.join(folder, "train.log")
+    argv = [str(x) for x in [tool("fairseq-train"), data, *run_flags(name, a, tables),
+                             *model_flags(a), *train_flags(a), "--save-dir", folder]]
+    stamp = os.path.join(folder, "argv.json")
+    if os.path.isfile(ckpt) and os.path.isfile(log) and os.path.isfile(stamp):
+        with open(stamp) as f:
+            if json.load(f) == argv:
+                logger.info(f"{name}: reusing {ckpt}")
+                return folder
+    os.makedirs(folder, exist_ok=True)
+    for old in os.listdir(folder):
+        if old.endswith(".pt"):
+            os.remove(os.path.join(folder, old))  # else fairseq-train would resume from it
+    logger.info(f"{name}: training {a.updates} updates")
+    start = time.time()
+    with open(log + ".tmp", "w") as out:
+        proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if proc.returncode != 0:
+        with open(log + ".tmp") as f:
+            tail = f.read()[-3000:]
+        raise SystemExit(f"hash_study: training {name} failed (log {log}.tmp):\n{tail}")
+    os.replace(log + ".tmp", log)
+    with open(os.path.join(folder, "wall_seconds"), "w") as f:
+        f.write(f"{time.time() - start:.1f}\n")
+    with open(stamp, "w") as f:
+        json.dump(argv, f)
+    return folder
+
+
+def valid_curve(log):
+    """(updates, valid perplexity) pairs from fairseq's json log."""
+    curve = []
+    with open(log) as f:
+        for line in f:
+            if "| valid |" in line and "{" in line:
+                row = json.loads(line[line.index("{"):])
+                curve.append((int(float(row["valid_num_updates"])), float(row["valid_ppl"])))
+    return curve
+
+
+def evaluate(name, folder, data, a):
+    """Valid/test perplexity of the last checkpoint and the valid load of its hash layers."""
+    import torch
+    from fairseq import checkpoint_utils
+
+    from .report import collect, layer_report
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [os.path.join(folder, "checkpoint_last.pt")], arg_overrides={"data": data})
+    model = models[0].eval()
+    if not hasattr(model.decoder, "moe_layers"):
+        model.decoder.moe_layers = {}  # the model without hash layers
+    tokens, experts, valid_nll = collect(model, task, "valid", a.max_tokens * 2)
+    _, _, test_nll = collect(model, task, "test", a.max_tokens * 2)
+    loads = [layer_report(moe, tokens, experts[idx], task.dictionary, 5)
+             for idx, moe in model.decoder.moe_layers.items()]
+    with open(os.path.join(folder, "wall_seconds")) as f:
+        wall = float(f.read())
+    return {
+        "run": name,
+        "valid_ppl": math.exp(valid_nll),
+        "test_ppl": math.exp(test_nll),
+        "load_max_over_mean": max((l["max_over_mean"] for l in loads), default=None),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": wall,
+        "valid_curve": valid_curve(os.path.join(folder, "train.log")),
+    }
+
+
+def build_tables(data, dense_folder, a):
+    """clustered/dispersed table files from the no-hash model's embeddings."""
+    from .hash_table import main as hash_table
+
+    tables = {}
+    for kind in ("clustered", "dispersed"):
+        path = os.path.join(a.work_dir, "tables", f"{kind}-{a.experts}.json")
+        if not os.path.isfile(path):
+            hash_table([kind, "--checkpoint", os.path.join(dense_folder, "checkpoint_last.pt"),
+                        "--data", data, "--experts", str(a.experts), "--output", path,
+                        "--seed", str(a.seed)])
+        tables[kind] = path
+    return tables
+
+
+LABELS = {"dense": "no hash layer (transformer_lm)", "multihash": "MultiHash (balanced, N={n})",
+          "future": "future (oracle: sees the label)"}
+
+
+def markdown(rows, a):
+    head = ("| hash | valid ppl | test ppl | load max/mean (valid) | params | train s |\n"
+            "|---|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        label = LABELS.get(r["run"], r["run"]).format(n=a.hash_count)
+        load = "-" if r["load_max_over_mean"] is None else f"{r['load_max_over_mean']:.2f}"
+        lines.append(f"| {label} | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {load} | "
+                     f"{r['parameters']:,} | {r['train_seconds']:.0f} |")
+    settings = (f"{a.layers} layers, d={a.embed_dim}, f={a.ffn_dim}, K={a.experts} experts at "
+                f"layer {a.hash_layer}, {a.updates} updates of {a.max_tokens} tokens, "
+                f"blocks of {a.tokens_per_sample}, lr {a.lr}, seed {a.seed}")
+    return "\n".join(lines) + f"\n\nSettings: {settings}.\n"
+
+
+def plot(rows, path):
+    """Validation perplexity over updates; right: relative to the run with no hash layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    dense = dict(next((r["valid_curve"] for r in rows if r["run"] == "dense"), []))
+    for r in rows:
+        if not r["valid_curve"]:
+            continue
+        style = dict(marker=".", label=r["run"], linestyle="--" if r["run"] == "future" else "-")
+        x, y = zip(*r["valid_curve"])
+        left.plot(x, y, **style)
+        shared = [(u, p / dense[u]) for u, p in r["valid_curve"] if u in dense]
+        if shared and r["run"] not in ("dense", "future"):
+            right.plot(*zip(*shared), **style)
+    left.set_yscale("log")
+    left.set_title("validation perplexity")
+    right.axhline(1.0, color="black", linewidth=1, label="no hash layer")
+    right.set_title("relative to no hash layer (the oracle left out)")
+    for ax in (left, right):
+        ax.set_xlabel("updates")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="run/hash_study.sh", description=__doc__.split("\n\n")[0])
+    p.add_argument("text", nargs="*", help="plain text files, one paragraph a line (default: "
+                   "the built-in corpus of Python docstrings)")
+    p.add_argument("--work-dir", default=None,
+                   help="folder for data, runs, results.md (default outputs/hash_study, "
+                   "or outputs/hash_study_quick with --quick); runs trained there with the "
+                   "same flags are reused")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke-test size: 30 updates, d=32, 1500 lines, K=4 (a few minutes)")
+    p.add_argument("--runs", default=",".join(["dense"] + HASH_RUNS),
+                   help="comma-separated rows to run: dense and any of " + ", ".join(HASH_RUNS)
+                   + " (default all; clustered/dispersed need dense)")
+    p.add_argument("--updates", type=int, default=300, help="updates per model (default 300)")
+    p.add_argument("--validate-every", type=int, default=50,
+                   help="updates between validations, the points of the plot (default 50)")
+    p.add_argument("--experts", type=int, default=8, help="experts K of the hash layer (default 8)")
+    p.add_argument("--hash-layer", default="-1", help="which layers hash, as --hash-layer (default -1)")
+    p.add_argument("--hash-count", type=int, default=2, help="N of the MultiHash row (default 2)")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
+    p.add_argument("--embed-dim", type=int, default=64, help="model width d (default 64)")
+    p.add_argument("--ffn-dim", type=int, default=256, help="FFN width f (default 256)")
+    p.add_argument("--heads", type=int, default=2, help="attention heads (default 2)")
+    p.add_argument("--tokens-per-sample", type=int, default=64, help="block length (default 64)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="tokens per batch (default 2048)")
+    p.add_argument("--lr", type=float, default=0.003, help="peak learning rate (default 0.003)")
+    p.add_argument("--warmup", type=int, default=30, help="warm-up updates (default 30)")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout (default 0.1)")
+    p.add_argument("--seed", type=int, default=1, help="seed of every run (default 1)")
+    p.add_argument("--vocab-size", type=int, default=2000, help="sentencepiece vocabulary (default 2000)")
+    p.add_argument("--max-lines", type=int, default=0, help="use at most this many lines of text "
+                   "(default 0: all)")
+    a = p.parse_args(argv)
+    if a.quick:
+        for key, value in QUICK.items():
+            if p.get_default(key) == getattr(a, key):
+                setattr(a, key, value)
+    a.work_dir = a.work_dir or ("outputs/hash_study_quick" if a.quick else "outputs/hash_study")
+    runs = [r.strip() for r in a.runs.split(",") if r.strip()]
+    bad = [r for r in runs if r not in ["dense"] + HASH_RUNS]
+    if bad:
+        p.error(f"--runs {','.join(bad)}: unknown; valid: dense, {', '.join(HASH_RUNS)}")
+    if ("clustered" in runs or "dispersed" in runs) and "dense" not in runs:
+        p.error("--runs: clustered and dispersed cluster the embeddings of the dense run; add dense")
+    if a.ffn_dim % a.hash_count:
+        p.error(f"--hash-count {a.hash_count} must divide --ffn-dim {a.ffn_dim}")
+    for name in ("updates", "validate_every", "experts", "layers", "max_tokens"):
+        if getattr(a, name) < 1 or (name == "experts" and a.experts < 2):
+            p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: too small")
+    a.runs = runs
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    install_excepthook()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(message)s")
+    for noisy in ("fairseq", "fairseq_hash.models", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .prepare import prepare
+
+    os.makedirs(a.work_dir, exist_ok=True)
+    data = prepare(os.path.join(a.work_dir, "data"), a.text or None, a.vocab_size,
+                   max_lines=a.max_lines)
+    folders, tables = {}, {}
+    if "dense" in a.runs:
+        folders["dense"] = train("dense", data, a, tables)
+        if "clustered" in a.runs or "dispersed" in a.runs:
+            tables = build_tables(data, folders["dense"], a)
+    for name in HASH_RUNS:
+        if name in a.runs:
+            folders[name] = train(name, data, a, tables)
+    rows = []
+    for name, folder in folders.items():
+        try:
+            rows.append(evaluate(name, folder, data, a))
+        except HashConfigError as e:
+            raise SystemExit(f"hash_study: evaluating {name}: {e}")
+        logger.info(f"{name}: valid ppl {rows[-1]['valid_ppl']:.2f}, test ppl {rows[-1]['test_ppl']:.2f}")
+    table = markdown(rows, a)
+    with open(os.path.join(a.work_dir, "results.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(a.work_dir, "results.json"), "w") as f:
+        json.dump({"settings": {k: v for k, v in vars(a).items()}, "rows": rows}, f, indent=1)
+    plot(rows, os.path.join(a.work_dir, "valid_ppl.png"))
+    print(table)
+    print(f"written: {os.path.join(a.work_dir, 'results.md')}, valid_ppl.png, results.json")
+
+
+if __name__ == "__main__":
+    main()

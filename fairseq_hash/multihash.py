@@ -1,0 +1,79 @@
+"""MultiHash (``--hash-count N``): N hashes each choose one segment of the FFN.
+
+    router = MultiHashRouter(hash_fn, table, K, fingerprint)   # table gives [B, T, N]
+    experts = SegmentedExpertFFN(K, d, f, num_segments=N)      # f divisible by N
+    moe = MoELayer(router, experts)
+
+The K experts are the K FFNs of the plain hash layer. fc1's f output units and
+fc2's f input units are cut into N segments of f/N; hash m picks which
+expert's copy of segment m a token uses. Seen by the dispatch, segment m of
+expert e is a narrow expert of its own, with id ``e * N + m``: a token has N
+slots, one per segment, and the MoE layer sums the slots' outputs, which is
+fc2 applied to the concatenated segments. fc2's bias is added once (by the
+segment-0 slot). Compute per token is one FFN's; parameters are K FFNs',
+exactly those of ``--hash-count 1``, and a state dict has the same shapes.
+"""
+import torch
+
+from .errors import HashConfigError
+from .experts import ExpertFFN, grouped_linear
+from .routers import HashRouter, RouterOutput
+
+
+def check_hash_count(num_hashes: int, ffn_dim: int):
+    if num_hashes < 1:
+        raise HashConfigError(f"--hash-count {num_hashes}: must be at least 1")
+    if ffn_dim % num_hashes:
+        valid = [n for n in range(1, min(ffn_dim, 16) + 1) if ffn_dim % n == 0]
+        raise HashConfigError(
+            f"--hash-count {num_hashes} must divide the FFN width "
+            f"--decoder-ffn-embed-dim {ffn_dim}; valid counts include {valid}"
+        )
+
+
+class MultiHashRouter(HashRouter):
+    """N hash columns -> N slots a token, slot m on narrow expert ``e_m * N + m``."""
+
+    def forward(self, x, route) -> RouterOutput:
+        out = super().forward(x, route)  # indices: [S, N] experts in [0, K)
+        n = out.indices.size(1)
+        segment = torch.arange(n, device=out.indices.device)
+        out.indices = out.indices * n + segment  # [S, N] narrow experts in [0, K*N)
+        return out
+
+    @property
+    def num_segments(self):
+        return self.table.size(1) // self.hash_fn.columns_per_hash
+
+
+class SegmentedExpertFFN(ExpertFFN):
+    """K expert FFNs of width f seen as K*N narrow experts of width f/N.
+
+    ``num_experts`` is K*N (what the dispatch counts); ``num_ffns`` is K. The
+    parameters are the plain ``[K, f, d]`` / ``[K, d, f]`` stacks; segment m of
+    expert e is rows ``m*f/N:(m+1)*f/N`` of fc1 and the same columns of fc2.
+    """
+
+    def __init__(self, num_experts, embed_dim, ffn_dim, num_segments, **kwargs):
+        check_hash_count(num_segments, ffn_dim)
+        super().__init__(num_experts, embed_dim, ffn_dim, **kwargs)
+        self.num_ffns = num_experts
+        self.num_segments = num_segments
+        self.num_experts = num_experts * num_segments
+
+    def reset_parameters(self):
+        self.num_experts = self.num_ffns = getattr(self, "num_ffns", self.num_experts)
+        super().reset_parameters()
+        self.num_experts = self.num_ffns * getattr(self, "num_segments", 1)
+
+    def forward(self, x, counts):
+        # x: [S, d] sorted by narrow expert; counts: K*N ints
+        n, (k, f, d) = self.num_segments, self.fc1_weight.shape
+        w1 = self.fc1_weight.view(k * n, f // n, d)  # a view: segment m = rows of fc1
+        b1 = self.fc1_bias.view(k * n, f // n)
+        w2 = self.fc2_weight.view(k, d, n, f // n).transpose(1, 2).reshape(k * n, d, f // n)
+        b2 = torch.cat([self.fc2_bias.unsqueeze(1),
+                        self.fc2_bias.new_zeros(k, n - 1, d)], 1).view(k * n, d)
+        h = grouped_linear(x, w1, b1, counts)  # [S, f/N]
+        h = self.activation_dropout(self.activation_fn(h))
+        return grouped_linear(h, w2, b2, counts)  # [S, d], one segment's share of fc2
