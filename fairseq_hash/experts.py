@@ -10,8 +10,23 @@ autograd function whose backward allocates the stacked weight gradient once and
 writes each expert's slice in place. (Autograd through ``weight[e]`` indexing
 would allocate a full ``[K, f, d]`` gradient for every expert: 22x slower than
 dense at K=64 in a prototype.) Experts know nothing of routing.
+
+Two ways to compute a grouped product, chosen per device and dtype:
+
+- torch's grouped matrix product (``torch._grouped_mm``), one kernel for all
+  experts, where the device has a native one (CUDA, bf16, compute capability
+  8.0 or newer; probed once per device and dtype);
+- a portable loop of ``addmm``/``mm`` over the experts' row slices, writing
+  into preallocated outputs (CPU and everything else). On CPU torch's grouped
+  product is itself such a loop, and its autograd backward fails on CPU in
+  torch 2.13.
+
+The weights have the model's dtype (fairseq's ``--fp16``/``--bf16`` convert
+them with the rest of the model). Under autocast (``--amp``) the product runs
+in autocast's dtype, like ``nn.Linear``, and gradients reach the fp32 weights.
 """
 import math
+from functools import lru_cache
 from typing import List
 
 import torch
@@ -27,6 +42,35 @@ def _bounds(counts: List[int]):
         start += count
 
 
+@lru_cache(maxsize=None)
+def grouped_mm_available(device_type: str, device_index, dtype: torch.dtype) -> bool:
+    """Whether torch has a native grouped matrix product for this device and dtype."""
+    if device_type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    device = torch.device(device_type, device_index)
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    try:  # the kernels also constrain shapes and versions; ask them once
+        a = torch.zeros(16, 16, device=device, dtype=dtype)
+        w = torch.zeros(2, 16, 16, device=device, dtype=dtype)
+        offs = torch.tensor([8, 16], device=device, dtype=torch.int32)
+        torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
+        torch._grouped_mm(a.t(), a, offs=offs)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # the kernel wants 16-byte aligned rows
+    return (
+        x.dtype == weight.dtype
+        and weight.size(1) % 8 == 0
+        and weight.size(2) % 8 == 0
+        and grouped_mm_available(x.device.type, x.device.index, x.dtype)
+    )
+
+
 class GroupedLinear(torch.autograd.Function):
     """``y[rows of e] = x[rows of e] @ weight[e].T + bias[e]`` for every expert e."""
 
@@ -35,23 +79,47 @@ class GroupedLinear(torch.autograd.Function):
         # x: [S, in], weight: [K, out, in], bias: [K, out] -> y: [S, out]
         ctx.save_for_backward(x, weight)
         ctx.counts = counts
+        ctx.kept = kept = sum(counts)
+        ctx.grouped = _use_grouped_mm(x, weight) and kept == x.size(0)
+        if ctx.grouped:
+            ctx.offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+            ctx.rows = torch.repeat_interleave(
+                torch.arange(len(counts), device=x.device),
+                torch.tensor(counts, device=x.device), output_size=kept,
+            )  # [S] expert of each row
+            y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=ctx.offsets)
+            return y.add_(bias.index_select(0, ctx.rows))
         y = x.new_empty(x.size(0), weight.size(1))
         for e, lo, hi in _bounds(counts):
             torch.addmm(bias[e], x[lo:hi], weight[e].t(), out=y[lo:hi])
+        if kept < x.size(0):
+            y[kept:] = 0
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         grad_y = grad_y.contiguous()
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = x.new_empty(x.shape)
-        if ctx.needs_input_grad[1]:
-            # experts that received no token get an exact zero gradient
-            grad_w = torch.zeros_like(weight)
-        if ctx.needs_input_grad[2]:
-            grad_b = weight.new_zeros(weight.size(0), weight.size(1))
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.grouped:
+            grad_x = torch._grouped_mm(grad_y, weight, offs=ctx.offsets) if need_x else None
+            grad_w = torch._grouped_mm(grad_y.t(), x, offs=ctx.offsets) if need_w else None
+            grad_b = None
+            if need_b:
+                grad_b = grad_y.new_zeros(weight.size(0), weight.size(1))
+                grad_b.index_add_(0, ctx.rows, grad_y)
+            return grad_x, grad_w, grad_b, None
+        grad_x = x.new_empty(x.shape) if need_x else None
+        # empty, not zeros: a memset of [K, out, in] costs as much as a small
+        # expert's product; only experts that received no token are zeroed
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = weight.new_empty(weight.size(0), weight.size(1)) if need_b else None
+        for e, count in enumerate(ctx.counts):
+            if count == 0:
+                if grad_w is not None:
+                    grad_w[e].zero_()
+                if grad_b is not None:
+                    grad_b[e].zero_()
         for e, lo, hi in _bounds(ctx.counts):
             g = grad_y[lo:hi]
             if grad_x is not None:
@@ -60,12 +128,19 @@ class GroupedLinear(torch.autograd.Function):
                 torch.mm(g.t(), x[lo:hi], out=grad_w[e])
             if grad_b is not None:
                 torch.sum(g, dim=0, out=grad_b[e])
-        if grad_x is not None and len(ctx.counts) and sum(ctx.counts) < x.size(0):
-            grad_x[sum(ctx.counts):] = 0
+        if grad_x is not None and ctx.kept < x.size(0):
+            grad_x[ctx.kept:] = 0
         return grad_x, grad_w, grad_b, None
 
 
 def grouped_linear(x, weight, bias, counts: List[int]):
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # nn.Linear's autocast rule (compute in the autocast dtype), applied by
+        # hand: autocast does not reach the out= products inside the function
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return GroupedLinear.apply(x.to(dtype), weight.to(dtype), bias.to(dtype), counts)
     return GroupedLinear.apply(x, weight, bias, counts)
 
 
