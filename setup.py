@@ -18,6 +18,7 @@ setup(
         "console_scripts": [
             "fairseq-hash-user-dir=fairseq_hash.cli.user_dir:main",
             "fairseq-hash-prepare=fairseq_hash.cli.prepare:main",
+            "fairseq-hash-bench=fairseq_hash.cli.bench:main",
         ],
     },
 )

@@ -11,23 +11,32 @@ writes each expert's slice in place. (Autograd through ``weight[e]`` indexing
 would allocate a full ``[K, f, d]`` gradient for every expert: 22x slower than
 dense at K=64 in a prototype.) Experts know nothing of routing.
 
-Two ways to compute a grouped product, chosen per device and dtype:
+Three ways to compute, chosen per call:
 
 - torch's grouped matrix product (``torch._grouped_mm``), one kernel for all
-  experts, where the device has a native one (CUDA, bf16, compute capability
-  8.0 or newer; probed once per device and dtype);
-- a portable loop of ``addmm``/``mm`` over the experts' row slices, writing
-  into preallocated outputs (CPU and everything else). On CPU torch's grouped
-  product is itself such a loop, and its autograd backward fails on CPU in
-  torch 2.13.
+  experts and each linear map, where the device has a native one (CUDA, bf16,
+  compute capability 8.0 or newer; probed once per device and dtype);
+- elsewhere (CPU), with a ReLU or GELU activation and no active activation
+  dropout (fairseq's default), :class:`GroupedFFN`: the whole FFN expert by
+  expert, so that an expert's hidden rows ``[n_e, f]`` are still in cache when
+  the activation and fc2 read them, as in K separate dense FFNs. Running fc1
+  for all S tokens first would stream the ``[S, f]`` hidden tensor through
+  memory twice more: the activation and its backward cost 5x those of K
+  separate FFNs at 8192 tokens (profiled on CPU, one thread);
+- otherwise two :class:`GroupedLinear` products, a portable loop of
+  ``addmm``/``mm`` over the experts' row slices writing into preallocated
+  outputs, with any activation and dropout module between them. (On CPU
+  torch's grouped product is itself such a loop, and its autograd backward
+  fails on CPU in torch 2.13.)
 
 The weights have the model's dtype (fairseq's ``--fp16``/``--bf16`` convert
 them with the rest of the model). Under autocast (``--amp``) the product runs
 in autocast's dtype, like ``nn.Linear``, and gradients reach the fp32 weights.
 """
 import math
+from contextlib import contextmanager
 from functools import lru_cache
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -133,15 +142,112 @@ class GroupedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+class GroupedFFN(torch.autograd.Function):
+    """``fc2(act(fc1(x)))`` for every expert's rows, one expert at a time.
+
+    Saves the hidden activations ``[S, f]`` for backward (post-ReLU, or
+    pre-GELU), as the unfused layers would; backward recomputes nothing for
+    ReLU and one GELU per expert slice.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, counts, activation):
+        # x: [S, d] -> hidden: [S, f] -> y: [S, d]
+        kept = sum(counts)
+        hidden = x.new_empty(x.size(0), w1.size(1))
+        y = x.new_empty(x.size(0), w2.size(1))
+        for e, lo, hi in _bounds(counts):
+            h = torch.addmm(b1[e], x[lo:hi], w1[e].t(), out=hidden[lo:hi])
+            h = h.clamp_(min=0) if activation == "relu" else F.gelu(h)
+            torch.addmm(b2[e], h, w2[e].t(), out=y[lo:hi])
+        if kept < x.size(0):
+            y[kept:] = 0
+        ctx.save_for_backward(x, w1, w2, hidden)
+        ctx.counts, ctx.kept, ctx.activation = counts, kept, activation
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w1, w2, hidden = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        grad_x = torch.empty_like(x) if need_x else None
+        grads = [torch.empty_like(w1) if need_w1 else None,
+                 w1.new_empty(w1.shape[:2]) if need_b1 else None,
+                 torch.empty_like(w2) if need_w2 else None,
+                 w2.new_empty(w2.shape[:2]) if need_b2 else None]
+        for e, count in enumerate(ctx.counts):
+            if count == 0:  # an expert that received no token gets an exact zero
+                for g in grads:
+                    if g is not None:
+                        g[e].zero_()
+        grad_w1, grad_b1, grad_w2, grad_b2 = grads
+        # one [n_e, f] buffer for every expert's hidden gradient
+        buffer = grad_y.new_empty(max(ctx.counts, default=0), w1.size(1))
+        for e, lo, hi in _bounds(ctx.counts):
+            g = grad_y[lo:hi]
+            if ctx.activation == "relu":
+                h = hidden[lo:hi]
+            else:
+                h = F.gelu(hidden[lo:hi])
+            if grad_w2 is not None:
+                torch.mm(g.t(), h, out=grad_w2[e])
+            if grad_b2 is not None:
+                torch.sum(g, dim=0, out=grad_b2[e])
+            grad_h = torch.mm(g, w2[e], out=buffer[: hi - lo])
+            if ctx.activation == "relu":
+                torch.ops.aten.threshold_backward.grad_input(grad_h, h, 0, grad_input=grad_h)
+            else:
+                torch.ops.aten.gelu_backward.grad_input(grad_h, hidden[lo:hi],
+                                                        grad_input=grad_h)
+            if grad_w1 is not None:
+                torch.mm(grad_h.t(), x[lo:hi], out=grad_w1[e])
+            if grad_b1 is not None:
+                torch.sum(grad_h, dim=0, out=grad_b1[e])
+            if grad_x is not None:
+                torch.mm(grad_h, w1[e], out=grad_x[lo:hi])
+        if grad_x is not None and ctx.kept < x.size(0):
+            grad_x[ctx.kept:] = 0
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+@contextmanager
+def _autocast_by_hand(device_type: str, *tensors):
+    """nn.Linear's autocast rule (compute in autocast's dtype), applied by hand:
+    autocast does not reach the ``out=`` products inside the functions above."""
+    if not torch.is_autocast_enabled(device_type):
+        yield tensors
+        return
+    dtype = torch.get_autocast_dtype(device_type)
+    with torch.autocast(device_type, enabled=False):
+        yield tuple(t.to(dtype) for t in tensors)
+
+
 def grouped_linear(x, weight, bias, counts: List[int]):
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # nn.Linear's autocast rule (compute in the autocast dtype), applied by
-        # hand: autocast does not reach the out= products inside the function
-        dtype = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
-            return GroupedLinear.apply(x.to(dtype), weight.to(dtype), bias.to(dtype), counts)
-    return GroupedLinear.apply(x, weight, bias, counts)
+    with _autocast_by_hand(x.device.type, x, weight, bias) as (x, weight, bias):
+        return GroupedLinear.apply(x, weight, bias, counts)
+
+
+def grouped_ffn(x, w1, b1, w2, b2, counts: List[int], activation: str):
+    with _autocast_by_hand(x.device.type, x, w1, b1, w2, b2) as (x, w1, b1, w2, b2):
+        return GroupedFFN.apply(x, w1, b1, w2, b2, counts, activation)
+
+
+def fused_activation(fn) -> Optional[str]:
+    """"relu" or "gelu" where ``fn`` is one GroupedFFN computes, else None."""
+    if fn in (F.relu, torch.relu):
+        return "relu"
+    if fn is F.gelu or (getattr(fn, "__module__", "") == "fairseq.modules.gelu"
+                        and getattr(fn, "__name__", "") == "gelu"):
+        return "gelu"  # fairseq's gelu is F.gelu computed in float32
+    return None
+
+
+def dropout_inactive(module: nn.Module) -> bool:
+    if isinstance(module, nn.Identity) or getattr(module, "p", None) == 0:
+        return True
+    # fairseq's FairseqDropout may apply itself at inference too
+    return not module.training and not getattr(module, "apply_during_inference", False)
 
 
 class ExpertFFN(nn.Module):
@@ -190,6 +296,11 @@ class ExpertFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
         # x: [S, d] sorted by expert; counts[e] rows for expert e
+        activation = fused_activation(self.activation_fn)
+        if (activation is not None and dropout_inactive(self.activation_dropout)
+                and not _use_grouped_mm(x, self.fc1_weight)):
+            return grouped_ffn(x, self.fc1_weight, self.fc1_bias, self.fc2_weight,
+                               self.fc2_bias, counts, activation)
         h = grouped_linear(x, self.fc1_weight, self.fc1_bias, counts)  # [S, f]
         h = self.activation_dropout(self.activation_fn(h))
         return grouped_linear(h, self.fc2_weight, self.fc2_bias, counts)  # [S, d]

@@ -207,3 +207,31 @@ def test_grouped_mm_path_equals_the_portable_loop(monkeypatch, dtype):
     for g, g_loop in zip(grouped[1], loop[1]):
         torch.testing.assert_close(g, g_loop, **tol)
     assert torch.count_nonzero(grouped[1][1][1]) == 0
+
+
+@pytest.mark.parametrize("activation", [F.relu, F.gelu])
+def test_fused_expert_ffn_equals_the_two_grouped_products(activation):
+    """The fused per-expert FFN (CPU fast path) against the generic one,
+    reached through an activation the fused path does not recognise."""
+    torch.manual_seed(0)
+    counts = [9, 0, 3, 12]
+    experts = ExpertFFN(4, 8, 16, activation_fn=activation)
+    x = torch.randn(24, 8, requires_grad=True)
+    params = [x, *experts.parameters()]
+    fused = grads_of(lambda: experts(x, counts), *params)
+    experts.activation_fn = lambda t: activation(t)
+    generic = grads_of(lambda: experts(x, counts), *params)
+    torch.testing.assert_close(fused[0], generic[0], rtol=1e-5, atol=1e-6)
+    for g, g_generic in zip(fused[1], generic[1]):
+        torch.testing.assert_close(g, g_generic, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(experts.fc1_weight.grad[1]) == 0
+
+
+def test_active_activation_dropout_is_applied():
+    torch.manual_seed(0)
+    experts = ExpertFFN(2, 8, 64, activation_dropout=torch.nn.Dropout(0.5))
+    x = torch.randn(10, 8)
+    experts.train()
+    assert not torch.allclose(experts(x, [4, 6]), experts(x, [4, 6]))
+    experts.eval()
+    torch.testing.assert_close(experts(x, [4, 6]), experts(x, [4, 6]))
