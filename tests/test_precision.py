@@ -235,3 +235,31 @@ def test_active_activation_dropout_is_applied():
     assert not torch.allclose(experts(x, [4, 6]), experts(x, [4, 6]))
     experts.eval()
     torch.testing.assert_close(experts(x, [4, 6]), experts(x, [4, 6]))
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_experts_computed_in_parallel_groups_equal_one_at_a_time(monkeypatch, threads):
+    torch.manual_seed(0)
+    counts = [7, 0, 5, 1, 9, 2]
+    experts = ExpertFFN(6, 8, 16)
+    x = torch.randn(24, 8, requires_grad=True)
+    params = [x, *experts.parameters()]
+    monkeypatch.setenv("FAIRSEQ_HASH_EXPERT_THREADS", "1")
+    serial = grads_of(lambda: experts(x, counts), *params)
+    monkeypatch.setenv("FAIRSEQ_HASH_EXPERT_THREADS", threads)
+    for fused in (True, False):
+        if not fused:
+            experts.activation_fn = lambda t: F.relu(t)  # the two-product path
+        parallel = grads_of(lambda: experts(x, counts), *params)
+        torch.testing.assert_close(parallel[0], serial[0], rtol=0, atol=0)
+        for g, g_serial in zip(parallel[1], serial[1]):
+            torch.testing.assert_close(g, g_serial, rtol=1e-6, atol=1e-6)
+
+
+def test_every_slot_dropped_gives_zero_output_and_gradient():
+    experts, x = make(S=6)
+    indices = torch.zeros(6, 1, dtype=torch.long)
+    moe = MoELayer(FixedRouter(indices, dropped=torch.ones(6, 1, dtype=torch.bool)), experts)
+    y, (gx, gw) = grads_of(lambda: moe(x), x, experts.fc1_weight)
+    assert torch.count_nonzero(y) == 0 and torch.count_nonzero(gx) == 0
+    assert torch.count_nonzero(gw) == 0 and moe.num_dropped == 6

@@ -469,9 +469,11 @@ def fairseq_train_speed(data_bin, extra, args, device, log_path):
            "--task", "language_modeling", "--decoder-layers", str(args.layers),
            "--decoder-embed-dim", str(args.embed_dim),
            "--decoder-ffn-embed-dim", str(args.ffn_dim), "--decoder-attention-heads", "8",
-           "--tokens-per-sample", "512", "--max-tokens", str(args.train_tokens),
+           "--tokens-per-sample", str(min(512, args.train_tokens)),
+           "--max-tokens", str(args.train_tokens),
            "--max-update", str(args.updates), "--optimizer", "adam", "--lr", "0.0005",
-           "--no-save", "--disable-validation", "--log-format", "json", "--log-interval", "1",
+           "--no-save", "--save-dir", os.path.join(args.work_dir, "checkpoints"),
+           "--disable-validation", "--log-format", "json", "--log-interval", "1",
            "--seed", "1", "--num-workers", "0"] + extra
     if device.type == "cpu":
         cmd.append("--cpu")
