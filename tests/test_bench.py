@@ -94,3 +94,22 @@ def test_train_mode_reports_words_per_second_for_dense_and_hash(tmp_path):
     assert [r["impl"] for r in rows][:2] == ["train-dense", "train-hash"]
     for row in rows:
         assert row["ms"] > 0 and row["wps"] > 0 and row["peak_mb"] > 0
+
+
+def test_learned_router_found_by_name_is_benchmarked(monkeypatch):
+    from fairseq_hash import routers
+
+    class SwitchRouter(torch.nn.Module):  # the shape a learned router is expected to have
+        def __init__(self, embed_dim, num_experts, capacity_factor=1.0):
+            super().__init__()
+            self.gate = torch.nn.Linear(embed_dim, num_experts)
+
+        def forward(self, x, route):
+            weight, index = self.gate(x).softmax(-1).max(-1)
+            return routers.RouterOutput(indices=index[:, None], weights=weight[:, None])
+
+    monkeypatch.setattr(routers, "SwitchRouter", SwitchRouter, raising=False)
+    built, notes = bench.build_case(["switch"], 32, 4, 8, 16, torch.float32, CPU)
+    assert not notes
+    built["switch"].step()
+    assert built["switch"].modules[0].router.gate.weight.grad is not None

@@ -15,6 +15,9 @@ weights) and measures its memory, for:
   that any dispatch must pay; the limit a hash layer is measured against;
 - ``hash``: this project's layer (``MoELayer`` + ``HashRouter`` + ``ExpertFFN``)
   with a seeded random hash over a 32,000-token vocabulary;
+- ``hash-serial``: the same layer computing its experts one after another, each
+  product with all threads (``FAIRSEQ_HASH_EXPERT_THREADS=1``), as ``floor``
+  does: the cost of the dispatch alone, beside ``floor``;
 - ``naive``: a Python loop over the experts that selects each expert's tokens
   with a boolean mask over all S tokens (the obvious implementation);
 - ``fairscale``: fairscale's ``MOELayer`` (one-hot ``einsum`` dispatch into
@@ -24,10 +27,10 @@ weights) and measures its memory, for:
   the same dispatch and experts, where ``fairseq_hash.routers`` has them.
 
 ``hash``, ``naive`` and ``fairscale`` route identically and compute the same
-outputs. ``peak_mb`` is the growth of memory over the state before the step
-(weights, inputs) at its highest point during one forward and backward: the
-CUDA allocator's peak on GPU, the peak resident set (``VmHWM``, reset through
-``/proc/self/clear_refs``) on CPU. ``act_mb`` counts the tensors autograd saves
+outputs. ``peak_mb`` is the memory allocated during one forward and backward
+(activations, temporaries, gradients) at its highest point, beyond what was
+allocated before (weights, inputs): the CUDA allocator's peak on GPU, the
+running sum of torch's allocations in the profiler on CPU. ``act_mb`` counts the tensors autograd saves
 for backward, parameters excluded: the activation memory.
 
 Train mode (``--train``) runs ``fairseq-train`` on a small language-modelling
@@ -37,7 +40,7 @@ layer; one run per K), and with each learned router where the model has a
 ``--router`` flag, and reports fairseq's training words per second.
 """
 import argparse
-import ctypes
+import contextlib
 import gc
 import inspect
 import json
@@ -58,7 +61,8 @@ import torch.nn.functional as F
 
 logger = logging.getLogger("fairseq_hash.bench")
 
-LAYER_IMPLS = ("dense", "floor", "hash", "naive", "fairscale", "switch", "top2", "base")
+LAYER_IMPLS = ("dense", "floor", "hash", "hash-serial", "naive", "fairscale", "switch", "top2",
+               "base")
 LEARNED_ROUTERS = ("switch", "top2", "base")
 VOCAB = 32000
 
@@ -132,7 +136,7 @@ class FixedGate(nn.Module):
         return x.new_zeros(()), dispatch.to(x.dtype), dispatch
 
 
-def one_process_group():
+def one_process_group(device: torch.device):
     """fairscale's MOELayer needs a process group even on one worker."""
     import torch.distributed as dist
 
@@ -140,7 +144,9 @@ def one_process_group():
         fd, path = tempfile.mkstemp(prefix="fairseq-hash-bench-")
         os.close(fd)
         os.unlink(path)  # the file store creates it
-        dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+        # gloo's all-to-all takes CPU tensors only
+        backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{path}", rank=0, world_size=1)
     return dist.group.WORLD
 
 
@@ -185,18 +191,34 @@ def build_learned_router(cls, embed_dim: int, num_experts: int):
 # One benchmark case: S tokens, K experts, all implementations on equal inputs
 
 
-class Impl:
-    """A callable step: ``run()`` returns the outputs and their gradients."""
+@contextmanager
+def environment(env: Dict[str, str]):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
-    def __init__(self, name, modules, inputs, run):
+
+class Impl:
+    """A step: ``run()`` returns the outputs and their gradients, in ``env``."""
+
+    def __init__(self, name, modules, inputs, run, env=None):
         self.name, self.modules, self.inputs, self.run = name, modules, inputs, run
         self.params = [p for m in modules for p in m.parameters()]
+        self.env = env or {}
 
     def step(self):
         for t in self.params + self.inputs:
             t.grad = None
-        outputs, grads = self.run()
-        torch.autograd.backward(outputs, grads)
+        with environment(self.env):
+            outputs, grads = self.run()
+            torch.autograd.backward(outputs, grads)
 
 
 def build_case(impls, tokens, experts, embed_dim, ffn_dim, dtype, device, seed=1):
@@ -239,11 +261,12 @@ def build_case(impls, tokens, experts, embed_dim, ffn_dim, dtype, device, seed=1
                 gs = list(torch.tensor_split(grad_out.view(S, d), K))
                 built[name] = Impl(name, [ffns], xs, lambda ffns=ffns, xs=xs: (
                     [ffn(x) for ffn, x in zip(ffns, xs)], gs))
-            elif name == "hash":
+            elif name in ("hash", "hash-serial"):
                 moe = MoELayer(hash_router, experts_ffn)
                 x = leaf(x0)
+                env = {"FAIRSEQ_HASH_EXPERT_THREADS": "1"} if name == "hash-serial" else {}
                 built[name] = Impl(name, [moe], [x],
-                                   lambda moe=moe, x=x: ([moe(x, route)], [grad_out]))
+                                   lambda moe=moe, x=x: ([moe(x, route)], [grad_out]), env)
             elif name == "naive":
                 naive = NaiveMoE(dense_copies(experts_ffn)).to(device)
                 x = leaf(x0.view(S, d))
@@ -256,7 +279,7 @@ def build_case(impls, tokens, experts, embed_dim, ffn_dim, dtype, device, seed=1
                 from fairscale.nn.moe import MOELayer
 
                 layer = MOELayer(FixedGate(expert_ids, K), dense_copies(experts_ffn).to(device),
-                                 group=one_process_group())
+                                 group=one_process_group(device))
                 x = leaf(x0.view(K, S // K, d))
                 built[name] = Impl(name, [layer], [x], lambda layer=layer, x=x: (
                     [layer(x)], [grad_out.view(K, S // K, d)]))
@@ -304,23 +327,14 @@ def time_impls(built: Dict[str, Impl], repeat: int, device) -> Dict[str, float]:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def _proc_status_mb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def return_freed_memory():
-    """Make glibc hand large freed blocks back to the system, so that the
-    resident set follows the live tensors (CPU peaks only)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: 64 KiB and no dynamic growth
-        libc.malloc_trim(0)
-    except OSError:
-        pass
+def cpu_peak_bytes(events) -> int:
+    """Highest running sum of the allocations (+) and frees (-) the profiler saw."""
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in memory:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
 
 
 @contextmanager
@@ -342,27 +356,36 @@ def saved_tensor_bytes(params):
 
 
 def measure_memory(impl: Impl, device):
-    """(peak_mb, act_mb) of one forward and backward."""
+    """(peak_mb, act_mb) of one forward and backward.
+
+    On CPU the profiler's allocation events are summed in time order. It sees
+    the thread that runs it, so the expert groups run on that one thread here
+    (``FAIRSEQ_HASH_EXPERT_THREADS=1``): each further group thread adds one
+    ``[S/K, f]`` hidden-gradient buffer to the peak.
+    """
     gc.collect()
     for t in impl.params + impl.inputs:
         t.grad = None
+    env = dict(impl.env)
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
+        profiler = contextlib.nullcontext()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set to the current one
-        base = _proc_status_mb("VmRSS")
-    with saved_tensor_bytes(impl.params) as saved:
-        outputs, grads = impl.run()
-    torch.autograd.backward(outputs, grads)
-    del outputs
+        env["FAIRSEQ_HASH_EXPERT_THREADS"] = "1"
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                          profile_memory=True)
+    with environment(env), profiler:
+        with saved_tensor_bytes(impl.params) as saved:
+            outputs, grads = impl.run()
+        torch.autograd.backward(outputs, grads)
+        del outputs
     if device.type == "cuda":
         synchronize(device)
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
-        peak = _proc_status_mb("VmHWM") - base
+        peak = cpu_peak_bytes(profiler.profiler.kineto_results.events()) / 2**20
     return peak, saved["bytes"] / 2**20
 
 
@@ -379,15 +402,12 @@ def run_layers(args, device, dtype) -> List[dict]:
             ms = time_impls(built, args.repeat, device)
             for name in args.impls:
                 if name in built:
-                    rows.append(dict(impl=name, experts=K, tokens=S, ms=round(ms[name], 2)))
+                    rows.append(dict(impl=name, experts=K, tokens=S, ms=round(ms[name], 3)))
                 else:
                     logger.warning(f"skipped {name} (tokens {S}, experts {K}): {notes[name]}")
             del built
             gc.collect()
-    if args.memory:
-        # after all timings: the allocator setting below would change them
-        if device.type == "cpu":
-            return_freed_memory()
+    if args.memory:  # after all timings: the profiler must not slow them
         for S in tokens:
             for K in args.experts:
                 built, _ = build_case(args.impls, S, K, args.embed_dim, args.ffn_dim, dtype,
@@ -409,7 +429,7 @@ def run_layers(args, device, dtype) -> List[dict]:
 
 
 def print_layer_table(rows, out=sys.stdout):
-    print(f"{'tokens':>7} {'experts':>7}  {'impl':<10} {'ms':>9} {'x dense':>8} "
+    print(f"{'tokens':>7} {'experts':>7}  {'impl':<12} {'ms':>9} {'x dense':>8} "
           f"{'x floor':>8} {'peak_mb':>8} {'act_mb':>7}", file=out)
     for row in rows:
         floor = [r["ms"] for r in rows if r["impl"] == "floor"
@@ -418,7 +438,7 @@ def print_layer_table(rows, out=sys.stdout):
         x_dense = f"{row['x_dense']:8.3f}" if row.get("x_dense") else f"{'-':>8}"
         peak = f"{row['peak_mb']:8.1f}" if row.get("peak_mb") is not None else f"{'-':>8}"
         act = f"{row['act_mb']:7.1f}" if row.get("act_mb") is not None else f"{'-':>7}"
-        print(f"{row['tokens']:>7} {row['experts']:>7}  {row['impl']:<10} {row['ms']:9.1f} "
+        print(f"{row['tokens']:>7} {row['experts']:>7}  {row['impl']:<12} {row['ms']:9.1f} "
               f"{x_dense} {x_floor} {peak} {act}", file=out)
 
 
