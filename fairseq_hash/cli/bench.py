@@ -30,14 +30,18 @@ weights) and measures its memory, for:
 outputs. ``peak_mb`` is the memory allocated during one forward and backward
 (activations, temporaries, gradients) at its highest point, beyond what was
 allocated before (weights, inputs): the CUDA allocator's peak on GPU, the
-running sum of torch's allocations in the profiler on CPU. ``act_mb`` counts the tensors autograd saves
-for backward, parameters excluded: the activation memory.
+running sum of torch's allocations in the profiler on CPU. ``act_mb`` counts
+the tensors autograd saves for backward, parameters excluded: the activation
+memory.
 
 Train mode (``--train``) runs ``fairseq-train`` on a small language-modelling
 data-bin (``--data-bin``, or one built by ``fairseq-hash-prepare`` in
 ``--work-dir``) for the same model with and without a hash layer (the last
 layer; one run per K), and with each learned router where the model has a
-``--router`` flag, and reports fairseq's training words per second.
+``--router`` flag, and reports fairseq's training words per second: the
+median over the timed updates of a run, then over ``--repeat`` rounds;
+``x dense`` is the median over rounds of the ratio to the dense run of the
+same round (runs of a round follow each other, in an order that rotates).
 """
 import argparse
 import contextlib
@@ -294,7 +298,8 @@ def build_case(impls, tokens, experts, embed_dim, ffn_dim, dtype, device, seed=1
                 built[name] = Impl(name, [moe], [x],
                                    lambda moe=moe, x=x: ([moe(x, route)], [grad_out]))
             else:
-                raise ValueError(f"unknown implementation {name!r}; valid: {', '.join(LAYER_IMPLS)}")
+                raise ValueError(f"unknown implementation {name!r}; "
+                                 f"valid: {', '.join(LAYER_IMPLS)}")
             built[name].modules[0].train()
         except Exception as err:  # one failing row must not end the benchmark
             notes[name] = f"{type(err).__name__}: {err}".splitlines()[0][:160]
@@ -545,20 +550,23 @@ def run_train(args, device) -> List[dict]:
         wps = statistics.median(x[0] for x in results[i])
         ms = statistics.median(x[1] for x in results[i])
         peak = max(x[2] for x in results[i])
+        # the load of a shared machine drifts between rounds: compare each run
+        # with the dense run of its own round, then take the median
+        ratio = statistics.median(x[0] / d[0] for x, d in zip(results[i], results[0]))
         rows.append(dict(impl=f"train-{label}", experts=K, tokens=args.train_tokens,
-                         ms=round(ms, 1), peak_mb=round(peak, 1), wps=round(wps, 1)))
-    dense_wps = rows[0]["wps"]
-    for row in rows:
-        row["x_dense"] = round(row["wps"] / dense_wps, 3)
+                         ms=round(ms, 1), peak_mb=round(peak, 1), wps=round(wps, 1),
+                         x_dense=round(ratio, 3),
+                         rounds_wps=[round(x[0], 1) for x in results[i]]))
     return rows
 
 
 def print_train_table(rows, out=sys.stdout):
     print(f"{'model':<14} {'experts':>7} {'tokens':>7} {'words/s':>9} {'ms/update':>10} "
-          f"{'x dense wps':>11} {'peak_mb':>8}", file=out)
+          f"{'x dense wps':>11} {'peak_mb':>8}  words/s of each round", file=out)
     for row in rows:
         print(f"{row['impl']:<14} {row['experts']:>7} {row['tokens']:>7} {row['wps']:9.1f} "
-              f"{row['ms']:10.1f} {row['x_dense']:11.3f} {row['peak_mb']:8.1f}", file=out)
+              f"{row['ms']:10.1f} {row['x_dense']:11.3f} {row['peak_mb']:8.1f}  "
+              f"{' '.join(str(w) for w in row['rounds_wps'])}", file=out)
 
 
 # ----------------------------------------------------------------------------
