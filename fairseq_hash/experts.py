@@ -53,7 +53,7 @@ def _bounds(counts: List[int]):
         start += count
 
 
-_POOL = None
+_POOL = None  # (size, ThreadPoolExecutor) of the expert groups
 
 
 def expert_threads() -> int:
@@ -63,13 +63,13 @@ def expert_threads() -> int:
 
 def _pool(size: int) -> ThreadPoolExecutor:
     global _POOL
-    if _POOL is None or _POOL._max_workers != size:
+    if _POOL is None or _POOL[0] != size:
         if _POOL is not None:
-            _POOL.shutdown(wait=False)
+            _POOL[1].shutdown(wait=False)
         # each worker computes single-threaded; the workers are the parallelism
-        _POOL = ThreadPoolExecutor(size, thread_name_prefix="fairseq-hash-experts",
-                                   initializer=torch.set_num_threads, initargs=(1,))
-    return _POOL
+        _POOL = (size, ThreadPoolExecutor(size, thread_name_prefix="fairseq-hash-experts",
+                                          initializer=torch.set_num_threads, initargs=(1,)))
+    return _POOL[1]
 
 
 def for_expert_groups(device: torch.device, counts: List[int], work: Callable):
@@ -80,8 +80,8 @@ def for_expert_groups(device: torch.device, counts: List[int], work: Callable):
     expert's products are small (S/K rows); run one after another, each with
     all threads, every product ends in a barrier where all threads wait for
     the slowest, and on a shared machine that is one descheduled thread: K=64
-    ran 2x slower that way than in groups on 2 busy cores. Elsewhere, and for
-    one group, ``work`` runs here on all experts.
+    ran 5.8x slower that way than in groups on 2 busy cores (BENCHMARKS.md).
+    Elsewhere, and for one group, ``work`` runs here on all experts.
     """
     bounds = list(_bounds(counts))
     if not bounds:

@@ -532,6 +532,9 @@ def run_train(args, device) -> List[dict]:
     from .prepare import prepare
 
     os.makedirs(args.work_dir, exist_ok=True)
+    # fairseq-hash-prepare runs fairseq-preprocess from PATH, which may lack
+    # the bin folder of this (not activated) environment
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
     data_bin = args.data_bin or prepare(os.path.join(args.work_dir, "data"))
     models, skipped = train_models(args.experts)
     for name in skipped:
@@ -574,7 +577,9 @@ def print_train_table(rows, out=sys.stdout):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="fairseq-hash-bench",
-                                     description=__doc__.split("\n\n")[0].strip("`: "))
+                                     description="Time a routed FFN sublayer (hash, naive, "
+                                     "fairscale, learned routers) beside a dense FFN, or "
+                                     "whole-model training through fairseq-train (--train).")
     parser.add_argument("--tokens", type=int, nargs="+", metavar="S",
                         help="tokens per step: layer mode times each S (default 8192); "
                         "with --train, the first is fairseq's --max-tokens (default 2048)")
@@ -590,7 +595,7 @@ def parse_args(argv=None):
                         help="torch device, e.g. cpu or cuda or cuda:1 (default cpu)")
     parser.add_argument("--repeat", type=int, default=5,
                         help="timed rounds after one warm-up (layer mode; default 5) or "
-                        "training runs per model (--train; default 5, 1 is often enough)")
+                        "rounds of training runs, every model once a round (--train; default 5)")
     parser.add_argument("--impls", nargs="+", default=list(LAYER_IMPLS), choices=LAYER_IMPLS,
                         help="implementations to time in layer mode (default: all)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
