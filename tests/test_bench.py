@@ -113,3 +113,13 @@ def test_learned_router_found_by_name_is_benchmarked(monkeypatch):
     assert not notes
     built["switch"].step()
     assert built["switch"].modules[0].router.gate.weight.grad is not None
+
+
+def test_bfloat16_layer_benchmark_runs_hash_and_notes_fairscales_float32_cast(tmp_path, caplog):
+    path = tmp_path / "bf16.json"
+    bench.run(["--tokens", "64", "--experts", "2", "--embed-dim", "8", "--ffn-dim", "16",
+               "--repeat", "1", "--threads", "1", "--dtype", "bfloat16",
+               "--impls", "dense", "hash", "fairscale", "--json", str(path)])
+    impls = [r["impl"] for r in json.loads(path.read_text())]
+    assert impls == ["dense", "hash"]  # fairscale casts its dispatch mask to float32
+    assert "skipped fairscale" in caplog.text

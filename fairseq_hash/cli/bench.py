@@ -315,12 +315,19 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_impls(built: Dict[str, Impl], repeat: int, device) -> Dict[str, float]:
-    """Median ms of forward+backward; rounds interleave the implementations."""
-    names = list(built)
+def time_impls(built: Dict[str, Impl], repeat: int, device, notes: Dict[str, str]):
+    """Median ms of forward+backward; rounds interleave the implementations.
+
+    An implementation whose warm-up step fails is dropped, its error in ``notes``.
+    """
+    names = []
+    for n in list(built):  # warm-up: allocator, kernels, lazy initialisation
+        try:
+            built[n].step()
+            names.append(n)
+        except Exception as err:  # e.g. fairscale's float32 mask with a bf16 input
+            notes[n] = f"{type(err).__name__}: {err}".splitlines()[0][:160]
     times = {n: [] for n in names}
-    for n in names:  # warm-up: allocator, kernels, lazy initialisation
-        built[n].step()
     for r in range(repeat):
         shift = r % len(names)
         for n in names[shift:] + names[:shift]:  # each goes first in some round
@@ -404,9 +411,9 @@ def run_layers(args, device, dtype) -> List[dict]:
     for S in tokens:
         for K in args.experts:
             built, notes = build_case(args.impls, S, K, args.embed_dim, args.ffn_dim, dtype, device)
-            ms = time_impls(built, args.repeat, device)
+            ms = time_impls(built, args.repeat, device, notes)
             for name in args.impls:
-                if name in built:
+                if name in ms:
                     rows.append(dict(impl=name, experts=K, tokens=S, ms=round(ms[name], 3)))
                 else:
                     logger.warning(f"skipped {name} (tokens {S}, experts {K}): {notes[name]}")
@@ -417,7 +424,10 @@ def run_layers(args, device, dtype) -> List[dict]:
             for K in args.experts:
                 built, _ = build_case(args.impls, S, K, args.embed_dim, args.ffn_dim, dtype,
                                       device)
+                timed = {(r["impl"], r["experts"], r["tokens"]) for r in rows}
                 for name, impl in built.items():
+                    if (name, K, S) not in timed:
+                        continue
                     impl.step()  # first touch of the weights' gradients and caches
                     peak, act = measure_memory(impl, device)
                     for row in rows:
