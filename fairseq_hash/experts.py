@@ -169,6 +169,10 @@ class GroupedLinear(torch.autograd.Function):
         if ctx.grouped:
             grad_x = torch._grouped_mm(grad_y, weight, offs=ctx.offsets) if need_x else None
             grad_w = torch._grouped_mm(grad_y.t(), x, offs=ctx.offsets) if need_w else None
+            if grad_w is not None:
+                idle = [e for e, count in enumerate(ctx.counts) if count == 0]
+                if idle:  # an empty group's output is not promised to be zero
+                    grad_w[idle] = 0
             grad_b = None
             if need_b:
                 grad_b = grad_y.new_zeros(weight.size(0), weight.size(1))

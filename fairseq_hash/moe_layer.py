@@ -11,8 +11,8 @@ contribute nothing, as in Switch Transformers' capacity overflow).
 
 With one expert per token and no slot dropped (every hash layer), dispatch and
 combine are a permutation and its inverse, and so are their gradients: both
-directions are row gathers (``index_select``). Autograd's own backward of a
-gather is a scatter-add into a zeroed tensor, which is slower and serial on CPU.
+directions are row gathers (``index_select``), where autograd's own backward
+of a gather would scatter-add into a zeroed ``[S, d]`` tensor.
 """
 import torch
 import torch.nn as nn
