@@ -24,6 +24,7 @@ setup(
             "fairseq-hash-table=fairseq_hash.cli.hash_table:main",
             "fairseq-hash-report=fairseq_hash.cli.report:main",
             "fairseq-hash-study=fairseq_hash.cli.hash_study:main",
+            "fairseq-hash-bench=fairseq_hash.cli.bench:main",
         ],
     },
 )

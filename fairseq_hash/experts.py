@@ -10,9 +10,35 @@ autograd function whose backward allocates the stacked weight gradient once and
 writes each expert's slice in place. (Autograd through ``weight[e]`` indexing
 would allocate a full ``[K, f, d]`` gradient for every expert: 22x slower than
 dense at K=64 in a prototype.) Experts know nothing of routing.
+
+Three ways to compute, chosen per call:
+
+- torch's grouped matrix product (``torch._grouped_mm``), one kernel for all
+  experts and each linear map, where the device has a native one (CUDA, bf16,
+  compute capability 8.0 or newer; probed once per device and dtype);
+- elsewhere (CPU), with a ReLU or GELU activation and no active activation
+  dropout (fairseq's default), :class:`GroupedFFN`: the whole FFN expert by
+  expert, so that an expert's hidden rows ``[n_e, f]`` are still in cache when
+  the activation and fc2 read them, as in K separate dense FFNs. Running fc1
+  for all S tokens first would stream the ``[S, f]`` hidden tensor through
+  memory twice more: the activation and its backward cost 5x those of K
+  separate FFNs at 8192 tokens (profiled on CPU, one thread);
+- otherwise two :class:`GroupedLinear` products, a portable loop of
+  ``addmm``/``mm`` over the experts' row slices writing into preallocated
+  outputs, with any activation and dropout module between them. (On CPU
+  torch's grouped product is itself such a loop, and its autograd backward
+  fails on CPU in torch 2.13.)
+
+The weights have the model's dtype (fairseq's ``--fp16``/``--bf16`` convert
+them with the rest of the model). Under autocast (``--amp``) the product runs
+in autocast's dtype, like ``nn.Linear``, and gradients reach the fp32 weights.
 """
 import math
-from typing import List
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -27,6 +53,85 @@ def _bounds(counts: List[int]):
         start += count
 
 
+_POOL = None  # (size, ThreadPoolExecutor) of the expert groups
+
+
+def expert_threads() -> int:
+    """Workers for experts on CPU: $FAIRSEQ_HASH_EXPERT_THREADS, else torch's threads."""
+    return int(os.environ.get("FAIRSEQ_HASH_EXPERT_THREADS", 0)) or torch.get_num_threads()
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None or _POOL[0] != size:
+        if _POOL is not None:
+            _POOL[1].shutdown(wait=False)
+        # each worker computes single-threaded; the workers are the parallelism
+        _POOL = (size, ThreadPoolExecutor(size, thread_name_prefix="fairseq-hash-experts",
+                                          initializer=torch.set_num_threads, initargs=(1,)))
+    return _POOL[1]
+
+
+def for_expert_groups(device: torch.device, counts: List[int], work: Callable):
+    """Call ``work(bounds)`` on groups of experts covering all rows.
+
+    On CPU the experts are split into as many groups of about equal rows as
+    there are threads, and the groups run at once, each single-threaded. An
+    expert's products are small (S/K rows); run one after another, each with
+    all threads, every product ends in a barrier where all threads wait for
+    the slowest, and on a shared machine that is one descheduled thread: K=64
+    ran 5.8x slower that way than in groups on 2 busy cores (BENCHMARKS.md).
+    Elsewhere, and for one group, ``work`` runs here on all experts.
+    """
+    bounds = list(_bounds(counts))
+    if not bounds:
+        return
+    workers = min(expert_threads(), len(bounds)) if device.type == "cpu" else 1
+    if workers <= 1:
+        work(bounds)
+        return
+    total = sum(hi - lo for _, lo, hi in bounds)
+    groups = [[] for _ in range(workers)]
+    for e, lo, hi in bounds:  # contiguous runs of experts, split at equal rows
+        groups[min(workers - 1, (lo + hi) * workers // (2 * total))].append((e, lo, hi))
+
+    def run(group):
+        with torch.no_grad():  # grad mode is per thread; these are out= products
+            work(group)
+
+    for future in [_pool(workers).submit(run, g) for g in groups if g]:
+        future.result()
+
+
+@lru_cache(maxsize=None)
+def grouped_mm_available(device_type: str, device_index, dtype: torch.dtype) -> bool:
+    """Whether torch has a native grouped matrix product for this device and dtype."""
+    if device_type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    device = torch.device(device_type, device_index)
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    try:  # the kernels also constrain shapes and versions; ask them once
+        a = torch.zeros(16, 16, device=device, dtype=dtype)
+        w = torch.zeros(2, 16, 16, device=device, dtype=dtype)
+        offs = torch.tensor([8, 16], device=device, dtype=torch.int32)
+        torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
+        torch._grouped_mm(a.t(), a, offs=offs)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # the kernel wants 16-byte aligned rows
+    return (
+        x.dtype == weight.dtype
+        and weight.size(1) % 8 == 0
+        and weight.size(2) % 8 == 0
+        and grouped_mm_available(x.device.type, x.device.index, x.dtype)
+    )
+
+
 class GroupedLinear(torch.autograd.Function):
     """``y[rows of e] = x[rows of e] @ weight[e].T + bias[e]`` for every expert e."""
 
@@ -35,38 +140,183 @@ class GroupedLinear(torch.autograd.Function):
         # x: [S, in], weight: [K, out, in], bias: [K, out] -> y: [S, out]
         ctx.save_for_backward(x, weight)
         ctx.counts = counts
+        ctx.kept = kept = sum(counts)
+        ctx.grouped = _use_grouped_mm(x, weight) and kept == x.size(0)
+        if ctx.grouped:
+            ctx.offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+            ctx.rows = torch.repeat_interleave(
+                torch.arange(len(counts), device=x.device),
+                torch.tensor(counts, device=x.device), output_size=kept,
+            )  # [S] expert of each row
+            y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=ctx.offsets)
+            return y.add_(bias.index_select(0, ctx.rows))
         y = x.new_empty(x.size(0), weight.size(1))
-        for e, lo, hi in _bounds(counts):
-            torch.addmm(bias[e], x[lo:hi], weight[e].t(), out=y[lo:hi])
+
+        def work(bounds):
+            for e, lo, hi in bounds:
+                torch.addmm(bias[e], x[lo:hi], weight[e].t(), out=y[lo:hi])
+
+        for_expert_groups(x.device, counts, work)
+        if kept < x.size(0):
+            y[kept:] = 0
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         grad_y = grad_y.contiguous()
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = x.new_empty(x.shape)
-        if ctx.needs_input_grad[1]:
-            # experts that received no token get an exact zero gradient
-            grad_w = torch.zeros_like(weight)
-        if ctx.needs_input_grad[2]:
-            grad_b = weight.new_zeros(weight.size(0), weight.size(1))
-        for e, lo, hi in _bounds(ctx.counts):
-            g = grad_y[lo:hi]
-            if grad_x is not None:
-                torch.mm(g, weight[e], out=grad_x[lo:hi])
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.grouped:
+            grad_x = torch._grouped_mm(grad_y, weight, offs=ctx.offsets) if need_x else None
+            grad_w = torch._grouped_mm(grad_y.t(), x, offs=ctx.offsets) if need_w else None
             if grad_w is not None:
-                torch.mm(g.t(), x[lo:hi], out=grad_w[e])
-            if grad_b is not None:
-                torch.sum(g, dim=0, out=grad_b[e])
-        if grad_x is not None and len(ctx.counts) and sum(ctx.counts) < x.size(0):
-            grad_x[sum(ctx.counts):] = 0
+                idle = [e for e, count in enumerate(ctx.counts) if count == 0]
+                if idle:  # an empty group's output is not promised to be zero
+                    grad_w[idle] = 0
+            grad_b = None
+            if need_b:
+                grad_b = grad_y.new_zeros(weight.size(0), weight.size(1))
+                grad_b.index_add_(0, ctx.rows, grad_y)
+            return grad_x, grad_w, grad_b, None
+        grad_x = x.new_empty(x.shape) if need_x else None
+        # empty, not zeros: a memset of [K, out, in] costs as much as a small
+        # expert's product; only experts that received no token are zeroed
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = weight.new_empty(weight.size(0), weight.size(1)) if need_b else None
+        for e, count in enumerate(ctx.counts):
+            if count == 0:
+                if grad_w is not None:
+                    grad_w[e].zero_()
+                if grad_b is not None:
+                    grad_b[e].zero_()
+
+        def work(bounds):
+            for e, lo, hi in bounds:
+                g = grad_y[lo:hi]
+                if grad_x is not None:
+                    torch.mm(g, weight[e], out=grad_x[lo:hi])
+                if grad_w is not None:
+                    torch.mm(g.t(), x[lo:hi], out=grad_w[e])
+                if grad_b is not None:
+                    torch.sum(g, dim=0, out=grad_b[e])
+
+        for_expert_groups(x.device, ctx.counts, work)
+        if grad_x is not None and ctx.kept < x.size(0):
+            grad_x[ctx.kept:] = 0
         return grad_x, grad_w, grad_b, None
 
 
+class GroupedFFN(torch.autograd.Function):
+    """``fc2(act(fc1(x)))`` for every expert's rows, one expert at a time.
+
+    Saves the hidden activations ``[S, f]`` for backward (post-ReLU, or
+    pre-GELU), as the unfused layers would; backward recomputes nothing for
+    ReLU and one GELU per expert slice.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, counts, activation):
+        # x: [S, d] -> hidden: [S, f] -> y: [S, d]
+        kept = sum(counts)
+        hidden = x.new_empty(x.size(0), w1.size(1))
+        y = x.new_empty(x.size(0), w2.size(1))
+
+        def work(bounds):
+            for e, lo, hi in bounds:
+                h = torch.addmm(b1[e], x[lo:hi], w1[e].t(), out=hidden[lo:hi])
+                h = h.clamp_(min=0) if activation == "relu" else F.gelu(h)
+                torch.addmm(b2[e], h, w2[e].t(), out=y[lo:hi])
+
+        for_expert_groups(x.device, counts, work)
+        if kept < x.size(0):
+            y[kept:] = 0
+        ctx.save_for_backward(x, w1, w2, hidden)
+        ctx.counts, ctx.kept, ctx.activation = counts, kept, activation
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w1, w2, hidden = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        grad_x = torch.empty_like(x) if need_x else None
+        grads = [torch.empty_like(w1) if need_w1 else None,
+                 w1.new_empty(w1.shape[:2]) if need_b1 else None,
+                 torch.empty_like(w2) if need_w2 else None,
+                 w2.new_empty(w2.shape[:2]) if need_b2 else None]
+        for e, count in enumerate(ctx.counts):
+            if count == 0:  # an expert that received no token gets an exact zero
+                for g in grads:
+                    if g is not None:
+                        g[e].zero_()
+        grad_w1, grad_b1, grad_w2, grad_b2 = grads
+
+        def work(bounds):
+            # one [n_e, f] buffer for the hidden gradient of this group's experts
+            buffer = grad_y.new_empty(max(hi - lo for _, lo, hi in bounds), w1.size(1))
+            for e, lo, hi in bounds:
+                g = grad_y[lo:hi]
+                h = hidden[lo:hi] if ctx.activation == "relu" else F.gelu(hidden[lo:hi])
+                if grad_w2 is not None:
+                    torch.mm(g.t(), h, out=grad_w2[e])
+                if grad_b2 is not None:
+                    torch.sum(g, dim=0, out=grad_b2[e])
+                grad_h = torch.mm(g, w2[e], out=buffer[: hi - lo])
+                if ctx.activation == "relu":
+                    torch.ops.aten.threshold_backward.grad_input(grad_h, h, 0, grad_input=grad_h)
+                else:
+                    torch.ops.aten.gelu_backward.grad_input(grad_h, hidden[lo:hi],
+                                                            grad_input=grad_h)
+                if grad_w1 is not None:
+                    torch.mm(grad_h.t(), x[lo:hi], out=grad_w1[e])
+                if grad_b1 is not None:
+                    torch.sum(grad_h, dim=0, out=grad_b1[e])
+                if grad_x is not None:
+                    torch.mm(grad_h, w1[e], out=grad_x[lo:hi])
+
+        for_expert_groups(x.device, ctx.counts, work)
+        if grad_x is not None and ctx.kept < x.size(0):
+            grad_x[ctx.kept:] = 0
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+@contextmanager
+def _autocast_by_hand(device_type: str, *tensors):
+    """nn.Linear's autocast rule (compute in autocast's dtype), applied by hand:
+    autocast does not reach the ``out=`` products inside the functions above."""
+    if not torch.is_autocast_enabled(device_type):
+        yield tensors
+        return
+    dtype = torch.get_autocast_dtype(device_type)
+    with torch.autocast(device_type, enabled=False):
+        yield tuple(t.to(dtype) for t in tensors)
+
+
 def grouped_linear(x, weight, bias, counts: List[int]):
-    return GroupedLinear.apply(x, weight, bias, counts)
+    with _autocast_by_hand(x.device.type, x, weight, bias) as (x, weight, bias):
+        return GroupedLinear.apply(x, weight, bias, counts)
+
+
+def grouped_ffn(x, w1, b1, w2, b2, counts: List[int], activation: str):
+    with _autocast_by_hand(x.device.type, x, w1, b1, w2, b2) as (x, w1, b1, w2, b2):
+        return GroupedFFN.apply(x, w1, b1, w2, b2, counts, activation)
+
+
+def fused_activation(fn) -> Optional[str]:
+    """"relu" or "gelu" where ``fn`` is one GroupedFFN computes, else None."""
+    if fn in (F.relu, torch.relu):
+        return "relu"
+    if fn is F.gelu or (getattr(fn, "__module__", "") == "fairseq.modules.gelu"
+                        and getattr(fn, "__name__", "") == "gelu"):
+        return "gelu"  # fairseq's gelu is F.gelu computed in float32
+    return None
+
+
+def dropout_inactive(module: nn.Module) -> bool:
+    if isinstance(module, nn.Identity) or getattr(module, "p", None) == 0:
+        return True
+    # fairseq's FairseqDropout may apply itself at inference too
+    return not module.training and not getattr(module, "apply_during_inference", False)
 
 
 class ExpertFFN(nn.Module):
@@ -115,6 +365,11 @@ class ExpertFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
         # x: [S, d] sorted by expert; counts[e] rows for expert e
+        activation = fused_activation(self.activation_fn)
+        if (activation is not None and dropout_inactive(self.activation_dropout)
+                and not _use_grouped_mm(x, self.fc1_weight)):
+            return grouped_ffn(x, self.fc1_weight, self.fc1_bias, self.fc2_weight,
+                               self.fc2_bias, counts, activation)
         h = grouped_linear(x, self.fc1_weight, self.fc1_bias, counts)  # [S, f]
         h = self.activation_dropout(self.activation_fn(h))
         return grouped_linear(h, self.fc2_weight, self.fc2_bias, counts)  # [S, d]

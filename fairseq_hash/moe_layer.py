@@ -8,12 +8,31 @@ expert id, one gather into expert order, one grouped FFN over contiguous
 slices, one scatter-add back into token order. No ``[S, K]`` one-hot mask, no
 capacity, no token dropped (a router may still mark slots ``dropped``; those
 contribute nothing, as in Switch Transformers' capacity overflow).
+
+With one expert per token and no slot dropped (every hash layer), dispatch and
+combine are a permutation and its inverse, and so are their gradients: both
+directions are row gathers (``index_select``), where autograd's own backward
+of a gather would scatter-add into a zeroed ``[S, d]`` tensor.
 """
 import torch
 import torch.nn as nn
 
 from .experts import ExpertFFN
 from .hashing import RouteInputs
+
+
+class Permute(torch.autograd.Function):
+    """``x[index]`` for a permutation ``index`` whose inverse is ``inverse``."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 class MoELayer(nn.Module):
@@ -48,15 +67,20 @@ class MoELayer(nn.Module):
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs in expert order
         counts = torch.bincount(flat, minlength=self.experts.num_experts + 1)
         counts = counts[: self.experts.num_experts].tolist()
-        token_of = order // k if k > 1 else order
         kept = sum(counts)
-        h = self.experts(x[token_of[:kept]], counts)  # [S*k kept, d]
-        if weights is not None:
-            h = h * weights.reshape(-1)[order[:kept]].unsqueeze(-1).to(h.dtype)
         if k == 1 and kept == S:
-            y = torch.empty_like(h).index_copy_(0, order, h)  # a permutation back
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(S, device=order.device)
+            h = self.experts(Permute.apply(x, order, inverse), counts)  # [S, d] by expert
+            if weights is not None:
+                h = h * weights.reshape(-1)[order].unsqueeze(-1).to(h.dtype)
+            y = Permute.apply(h, inverse, order)  # back to token order
         else:
-            y = x.new_zeros(S, shape[-1]).index_add_(0, token_of[:kept], h)
+            token_of = order[:kept] // k if k > 1 else order[:kept]
+            h = self.experts(x.index_select(0, token_of), counts)  # [S*k kept, d]
+            if weights is not None:
+                h = h * weights.reshape(-1)[order[:kept]].unsqueeze(-1).to(h.dtype)
+            y = h.new_zeros(S, shape[-1]).index_add_(0, token_of, h)
         self.aux_loss = out.aux_loss
         self.last_indices = out.indices.detach()
         self.num_dropped = S * k - kept

@@ -1,0 +1,677 @@
+"""``fairseq-hash-bench``: a routed FFN sublayer timed side by side with a dense one.
+
+    fairseq-hash-bench                                  # tokens 8192, experts 4,16,64
+    fairseq-hash-bench --tokens 2048 8192 --experts 16 --json bench.json
+    fairseq-hash-bench --train --experts 16             # whole models through fairseq
+
+Layer mode times forward plus backward of one FFN sublayer (the median of
+``--repeat`` interleaved rounds after a warm-up run; every implementation gets
+the same input, output gradient and, where it has experts, the same expert
+weights) and measures its memory, for:
+
+- ``dense``: one FFN of the same shape on all S tokens;
+- ``floor``: K dense FFNs, each on its own S/K tokens (separate leaf inputs): no
+  routing, no permutation, only the smaller products and K weight gradients
+  that any dispatch must pay; the limit a hash layer is measured against;
+- ``hash``: this project's layer (``MoELayer`` + ``HashRouter`` + ``ExpertFFN``)
+  with a seeded random hash over a 32,000-token vocabulary;
+- ``hash-serial``: the same layer computing its experts one after another, each
+  product with all threads (``FAIRSEQ_HASH_EXPERT_THREADS=1``), as ``floor``
+  does: the cost of the dispatch alone, beside ``floor``;
+- ``naive``: a Python loop over the experts that selects each expert's tokens
+  with a boolean mask over all S tokens (the obvious implementation);
+- ``fairscale``: fairscale's ``MOELayer`` (one-hot ``einsum`` dispatch into
+  ``[S, E, C]``) driven by the same hash, in a one-process gloo group, with the
+  capacity C set to the busiest expert's load so that no token is dropped;
+- ``switch``, ``top2``, ``base``: the project's learned routers in front of
+  the same dispatch and experts, where ``fairseq_hash.routers`` has them.
+
+``hash``, ``naive`` and ``fairscale`` route identically and compute the same
+outputs. ``peak_mb`` is the memory allocated during one forward and backward
+(activations, temporaries, gradients) at its highest point, beyond what was
+allocated before (weights, inputs): the CUDA allocator's peak on GPU, the
+running sum of torch's allocations in the profiler on CPU. ``act_mb`` counts
+the tensors autograd saves for backward, parameters excluded: the activation
+memory.
+
+Train mode (``--train``) runs ``fairseq-train`` on a small language-modelling
+data-bin (``--data-bin``, or one built by ``fairseq-hash-prepare`` in
+``--work-dir``) for the same model with and without a hash layer (the last
+layer; one run per K), and with each learned router where the model has a
+``--router`` flag, and reports fairseq's training words per second: the
+median over the timed updates of a run, then over ``--repeat`` rounds;
+``x dense`` is the median over rounds of the ratio to the dense run of the
+same round (runs of a round follow each other, in an order that rotates).
+"""
+import argparse
+import contextlib
+import gc
+import inspect
+import json
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger("fairseq_hash.bench")
+
+LAYER_IMPLS = ("dense", "floor", "hash", "hash-serial", "naive", "fairscale", "switch", "top2",
+               "base")
+LEARNED_ROUTERS = ("switch", "top2", "base")
+VOCAB = 32000
+
+
+# ----------------------------------------------------------------------------
+# The implementations compared with the hash layer
+
+
+class DenseFFN(nn.Module):
+    """``fc2(relu(fc1(x)))``, the FFN sublayer of a Transformer layer."""
+
+    def __init__(self, embed_dim, ffn_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, embed_dim)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def dense_copies(experts, count=None) -> nn.ModuleList:
+    """A DenseFFN per expert of an ExpertFFN (the first ``count``), with its weights."""
+    K, f, d = experts.fc1_weight.shape
+    copies = nn.ModuleList(DenseFFN(d, f) for _ in range(count or K))
+    with torch.no_grad():
+        for e, ffn in enumerate(copies):
+            ffn.fc1.weight.copy_(experts.fc1_weight[e])
+            ffn.fc1.bias.copy_(experts.fc1_bias[e])
+            ffn.fc2.weight.copy_(experts.fc2_weight[e])
+            ffn.fc2.bias.copy_(experts.fc2_bias[e])
+    return copies.to(experts.fc1_weight.dtype)
+
+
+class NaiveMoE(nn.Module):
+    """For each expert, mask all S tokens, gather its own, compute, scatter back."""
+
+    def __init__(self, experts: nn.ModuleList):
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, x, expert_ids):
+        # x: [S, d], expert_ids: [S]
+        y = x.new_zeros(x.shape)
+        for e, expert in enumerate(self.experts):
+            mask = expert_ids == e  # [S] bool
+            if mask.any():
+                y[mask] = expert(x[mask])
+        return y
+
+
+class FixedGate(nn.Module):
+    """A gate for fairscale's MOELayer that routes by given expert ids.
+
+    Returns fairscale's ``(l_aux, combine_weights [S, E, C], dispatch_mask
+    [S, E, C])`` with C the busiest expert's load: nothing is dropped.
+    """
+
+    def __init__(self, expert_ids, num_experts):
+        super().__init__()
+        self.expert_ids = expert_ids
+        self.num_experts = num_experts
+
+    def forward(self, x):
+        ids = self.expert_ids
+        one_hot = F.one_hot(ids, self.num_experts)  # [S, E]
+        slot = (one_hot.cumsum(0) - 1).gather(1, ids.unsqueeze(1)).squeeze(1)  # [S]
+        capacity = int(one_hot.sum(0).max())
+        dispatch = torch.zeros(x.size(0), self.num_experts, capacity, dtype=torch.bool,
+                               device=x.device)
+        dispatch[torch.arange(x.size(0), device=x.device), ids, slot] = True
+        return x.new_zeros(()), dispatch.to(x.dtype), dispatch
+
+
+def one_process_group(device: torch.device):
+    """fairscale's MOELayer needs a process group even on one worker."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        fd, path = tempfile.mkstemp(prefix="fairseq-hash-bench-")
+        os.close(fd)
+        os.unlink(path)  # the file store creates it
+        # gloo's all-to-all takes CPU tensors only
+        backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{path}", rank=0, world_size=1)
+    return dist.group.WORLD
+
+
+def find_router_class(name: str):
+    """The learned router class ``name`` in fairseq_hash.routers, or None.
+
+    Looked up at run time, so that the benchmark runs with whichever routers
+    the installed project has: a registry dict if the module keeps one, else
+    a class whose name starts with ``name`` and ends with ``Router``.
+    """
+    from fairseq_hash import routers
+
+    for attr in ("ROUTER_REGISTRY", "ROUTERS"):
+        registry = getattr(routers, attr, None)
+        if isinstance(registry, dict) and name in registry:
+            return registry[name]
+    for attr, obj in sorted(vars(routers).items()):
+        low = attr.lower()
+        if (isinstance(obj, type) and issubclass(obj, nn.Module) and low.startswith(name)
+                and low.endswith("router")):
+            return obj
+    return None
+
+
+def build_learned_router(cls, embed_dim: int, num_experts: int):
+    """Build a router by its constructor's argument names (width, K; defaults else)."""
+    widths = {"embed_dim", "model_dim", "d_model", "input_dim", "dim", "hidden_dim"}
+    counts = {"num_experts", "experts", "n_experts", "num_local_experts"}
+    kwargs = {}
+    for pname, param in inspect.signature(cls).parameters.items():
+        if pname in widths:
+            kwargs[pname] = embed_dim
+        elif pname in counts:
+            kwargs[pname] = num_experts
+        elif param.default is inspect.Parameter.empty and param.kind not in (
+                param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(f"{cls.__name__}: no value for its argument {pname!r}")
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------
+# One benchmark case: S tokens, K experts, all implementations on equal inputs
+
+
+@contextmanager
+def environment(env: Dict[str, str]):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class Impl:
+    """A step: ``run()`` returns the outputs and their gradients, in ``env``."""
+
+    def __init__(self, name, modules, inputs, run, env=None):
+        self.name, self.modules, self.inputs, self.run = name, modules, inputs, run
+        self.params = [p for m in modules for p in m.parameters()]
+        self.env = env or {}
+
+    def step(self):
+        for t in self.params + self.inputs:
+            t.grad = None
+        with environment(self.env):
+            outputs, grads = self.run()
+            torch.autograd.backward(outputs, grads)
+
+
+def build_case(impls, tokens, experts, embed_dim, ffn_dim, dtype, device, seed=1):
+    """Impl objects for every name in ``impls`` that can run; notes for the rest."""
+    from fairseq_hash.experts import ExpertFFN
+    from fairseq_hash.hashing import RandomHash, RouteInputs
+    from fairseq_hash.moe_layer import MoELayer
+    from fairseq_hash.routers import HashRouter
+
+    S, K, d, f = tokens, experts, embed_dim, ffn_dim
+    batch = 8 if S % 8 == 0 else 1
+    gen = torch.Generator().manual_seed(seed)
+    token_ids = torch.randint(4, VOCAB, (batch, S // batch), generator=gen)  # [B, T]
+    route = RouteInputs.from_tokens(token_ids, pad_idx=1, eos_idx=2)
+    route = RouteInputs(**{k: (v.to(device) if torch.is_tensor(v) else v)
+                           for k, v in vars(route).items()})
+    table = torch.randint(K, (VOCAB, 1), generator=gen)
+    x0 = torch.randn(S // batch, batch, d, generator=gen).to(device, dtype)  # [T, B, d]
+    grad_out = torch.randn(S // batch, batch, d, generator=gen).to(device, dtype)
+    torch.manual_seed(seed)
+    experts_ffn = ExpertFFN(K, d, f).to(device, dtype)
+    hash_router = HashRouter(RandomHash(), table, K, dict_fingerprint=0).to(device)
+    expert_ids = hash_router(x0.view(S, d), route).indices[:, 0]  # [S], time-major
+
+    def leaf(t):
+        return t.detach().clone().requires_grad_()
+
+    built: Dict[str, Impl] = {}
+    notes: Dict[str, str] = {}
+    for name in impls:
+        try:
+            if name == "dense":
+                ffn = dense_copies(experts_ffn, count=1)[0].to(device)
+                x = leaf(x0.view(S, d))
+                built[name] = Impl(name, [ffn], [x],
+                                   lambda ffn=ffn, x=x: ([ffn(x)], [grad_out.view(S, d)]))
+            elif name == "floor":
+                ffns = dense_copies(experts_ffn).to(device)
+                xs = [leaf(p) for p in torch.tensor_split(x0.view(S, d), K)]
+                gs = list(torch.tensor_split(grad_out.view(S, d), K))
+                built[name] = Impl(name, [ffns], xs, lambda ffns=ffns, xs=xs: (
+                    [ffn(x) for ffn, x in zip(ffns, xs)], gs))
+            elif name in ("hash", "hash-serial"):
+                moe = MoELayer(hash_router, experts_ffn)
+                x = leaf(x0)
+                env = {"FAIRSEQ_HASH_EXPERT_THREADS": "1"} if name == "hash-serial" else {}
+                built[name] = Impl(name, [moe], [x],
+                                   lambda moe=moe, x=x: ([moe(x, route)], [grad_out]), env)
+            elif name == "naive":
+                naive = NaiveMoE(dense_copies(experts_ffn)).to(device)
+                x = leaf(x0.view(S, d))
+                built[name] = Impl(name, [naive], [x], lambda naive=naive, x=x: (
+                    [naive(x, expert_ids)], [grad_out.view(S, d)]))
+            elif name == "fairscale":
+                if S % K:
+                    raise ValueError(f"fairscale's MOELayer needs tokens ({S}) divisible by "
+                                     f"the experts ({K})")
+                from fairscale.nn.moe import MOELayer
+
+                layer = MOELayer(FixedGate(expert_ids, K), dense_copies(experts_ffn).to(device),
+                                 group=one_process_group(device))
+                x = leaf(x0.view(K, S // K, d))
+                built[name] = Impl(name, [layer], [x], lambda layer=layer, x=x: (
+                    [layer(x)], [grad_out.view(K, S // K, d)]))
+            elif name in LEARNED_ROUTERS:
+                cls = find_router_class(name)
+                if cls is None:
+                    raise LookupError(f"fairseq_hash.routers has no {name} router yet")
+                router = build_learned_router(cls, d, K).to(device, dtype)
+                torch.manual_seed(seed)
+                moe = MoELayer(router, ExpertFFN(K, d, f).to(device, dtype))
+                x = leaf(x0)
+                built[name] = Impl(name, [moe], [x],
+                                   lambda moe=moe, x=x: ([moe(x, route)], [grad_out]))
+            else:
+                raise ValueError(f"unknown implementation {name!r}; "
+                                 f"valid: {', '.join(LAYER_IMPLS)}")
+            built[name].modules[0].train()
+        except Exception as err:  # one failing row must not end the benchmark
+            notes[name] = f"{type(err).__name__}: {err}".splitlines()[0][:160]
+    return built, notes
+
+
+# ----------------------------------------------------------------------------
+# Time and memory
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_impls(built: Dict[str, Impl], repeat: int, device, notes: Dict[str, str]):
+    """Median ms of forward+backward; rounds interleave the implementations.
+
+    An implementation whose warm-up step fails is dropped, its error in ``notes``.
+    """
+    names = []
+    for n in list(built):  # warm-up: allocator, kernels, lazy initialisation
+        try:
+            built[n].step()
+            names.append(n)
+        except Exception as err:  # e.g. fairscale's float32 mask with a bf16 input
+            notes[n] = f"{type(err).__name__}: {err}".splitlines()[0][:160]
+    times = {n: [] for n in names}
+    for r in range(repeat):
+        shift = r % len(names)
+        for n in names[shift:] + names[:shift]:  # each goes first in some round
+            synchronize(device)
+            start = time.perf_counter()
+            built[n].step()
+            synchronize(device)
+            times[n].append((time.perf_counter() - start) * 1000)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def cpu_peak_bytes(events) -> int:
+    """Highest running sum of the allocations (+) and frees (-) the profiler saw."""
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in memory:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+@contextmanager
+def saved_tensor_bytes(params):
+    """Count the bytes of distinct storages autograd saves, parameters excluded."""
+    owned = {p.untyped_storage().data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    box = {}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield box
+    box["bytes"] = sum(seen.values())
+
+
+def measure_memory(impl: Impl, device):
+    """(peak_mb, act_mb) of one forward and backward.
+
+    On CPU the profiler's allocation events are summed in time order. It sees
+    the thread that runs it, so the expert groups run on that one thread here
+    (``FAIRSEQ_HASH_EXPERT_THREADS=1``): each further group thread adds one
+    ``[S/K, f]`` hidden-gradient buffer to the peak.
+    """
+    gc.collect()
+    for t in impl.params + impl.inputs:
+        t.grad = None
+    env = dict(impl.env)
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        profiler = contextlib.nullcontext()
+    else:
+        env["FAIRSEQ_HASH_EXPERT_THREADS"] = "1"
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                          profile_memory=True)
+    with environment(env), profiler:
+        with saved_tensor_bytes(impl.params) as saved:
+            outputs, grads = impl.run()
+        torch.autograd.backward(outputs, grads)
+        del outputs
+    if device.type == "cuda":
+        synchronize(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        peak = cpu_peak_bytes(profiler.profiler.kineto_results.events()) / 2**20
+    return peak, saved["bytes"] / 2**20
+
+
+# ----------------------------------------------------------------------------
+# Layer mode
+
+
+def run_layers(args, device, dtype) -> List[dict]:
+    rows = []
+    tokens = args.tokens or [8192]
+    for S in tokens:
+        for K in args.experts:
+            built, notes = build_case(args.impls, S, K, args.embed_dim, args.ffn_dim, dtype, device)
+            ms = time_impls(built, args.repeat, device, notes)
+            for name in args.impls:
+                if name in ms:
+                    rows.append(dict(impl=name, experts=K, tokens=S, ms=round(ms[name], 3)))
+                else:
+                    logger.warning(f"skipped {name} (tokens {S}, experts {K}): {notes[name]}")
+            del built
+            gc.collect()
+    if args.memory:  # after all timings: the profiler must not slow them
+        for S in tokens:
+            for K in args.experts:
+                built, _ = build_case(args.impls, S, K, args.embed_dim, args.ffn_dim, dtype,
+                                      device)
+                timed = {(r["impl"], r["experts"], r["tokens"]) for r in rows}
+                for name, impl in built.items():
+                    if (name, K, S) not in timed:
+                        continue
+                    impl.step()  # first touch of the weights' gradients and caches
+                    peak, act = measure_memory(impl, device)
+                    for row in rows:
+                        if (row["impl"], row["experts"], row["tokens"]) == (name, K, S):
+                            row["peak_mb"], row["act_mb"] = round(peak, 1), round(act, 1)
+                del built
+                gc.collect()
+    for row in rows:
+        row.setdefault("peak_mb", None)
+        dense = [r["ms"] for r in rows if r["impl"] == "dense"
+                 and (r["experts"], r["tokens"]) == (row["experts"], row["tokens"])]
+        row["x_dense"] = round(row["ms"] / dense[0], 3) if dense else None
+    return rows
+
+
+def print_layer_table(rows, out=sys.stdout):
+    print(f"{'tokens':>7} {'experts':>7}  {'impl':<12} {'ms':>9} {'x dense':>8} "
+          f"{'x floor':>8} {'peak_mb':>8} {'act_mb':>7}", file=out)
+    for row in rows:
+        floor = [r["ms"] for r in rows if r["impl"] == "floor"
+                 and (r["experts"], r["tokens"]) == (row["experts"], row["tokens"])]
+        x_floor = f"{row['ms'] / floor[0]:8.3f}" if floor else f"{'-':>8}"
+        x_dense = f"{row['x_dense']:8.3f}" if row.get("x_dense") else f"{'-':>8}"
+        peak = f"{row['peak_mb']:8.1f}" if row.get("peak_mb") is not None else f"{'-':>8}"
+        act = f"{row['act_mb']:7.1f}" if row.get("act_mb") is not None else f"{'-':>7}"
+        print(f"{row['tokens']:>7} {row['experts']:>7}  {row['impl']:<12} {row['ms']:9.1f} "
+              f"{x_dense} {x_floor} {peak} {act}", file=out)
+
+
+# ----------------------------------------------------------------------------
+# Train mode: whole models through fairseq-train
+
+
+def model_has_field(name: str) -> bool:
+    """Whether hash_transformer_lm has the config field ``name`` (e.g. router)."""
+    import fairseq_hash  # noqa: F401  (registers the model)
+    from fairseq.models import MODEL_DATACLASS_REGISTRY
+
+    config = MODEL_DATACLASS_REGISTRY.get("hash_transformer_lm")
+    return config is not None and name in getattr(config, "__dataclass_fields__", {})
+
+
+def criterion_registered(name: str) -> bool:
+    import fairseq_hash  # noqa: F401
+    from fairseq.criterions import CRITERION_REGISTRY
+
+    return name in CRITERION_REGISTRY
+
+
+def train_models(experts: List[int]):
+    """(label, K, extra fairseq-train arguments) of each model to train."""
+    models = [("dense", 0, ["--arch", "transformer_lm"])]
+    for K in experts:
+        models.append(("hash", K, ["--arch", "hash_transformer_lm", "--hash-layer", "-1",
+                                   "--hash-experts", str(K), "--hash-type", "balanced"]))
+    skipped = []
+    if model_has_field("router"):
+        criterion = (["--criterion", "moe_cross_entropy"]
+                     if criterion_registered("moe_cross_entropy") else [])
+        for name in LEARNED_ROUTERS:
+            for K in experts:
+                models.append((name, K, ["--arch", "hash_transformer_lm", "--hash-layer", "-1",
+                                         "--hash-experts", str(K), "--router", name] + criterion))
+    else:
+        skipped = list(LEARNED_ROUTERS)
+    return models, skipped
+
+
+def fairseq_train_speed(data_bin, extra, args, device, log_path):
+    """Run fairseq-train; return (median words/s, median ms/update, peak RSS MB)."""
+    from .user_dir import user_dir
+
+    cmd = [sys.executable, "-m", "fairseq_cli.train", data_bin, "--user-dir", user_dir(),
+           "--task", "language_modeling", "--decoder-layers", str(args.layers),
+           "--decoder-embed-dim", str(args.embed_dim),
+           "--decoder-ffn-embed-dim", str(args.ffn_dim), "--decoder-attention-heads", "8",
+           "--tokens-per-sample", str(min(512, args.train_tokens)),
+           "--max-tokens", str(args.train_tokens),
+           "--max-update", str(args.updates), "--optimizer", "adam", "--lr", "0.0005",
+           "--no-save", "--save-dir", os.path.join(args.work_dir, "checkpoints"),
+           "--disable-validation", "--log-format", "json", "--log-interval", "1",
+           "--seed", "1", "--num-workers", "0"] + extra
+    if device.type == "cpu":
+        cmd.append("--cpu")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               PYTHONWARNINGS="ignore")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        with open(log_path) as log:
+            tail = log.read()[-1500:]
+        raise RuntimeError(f"fairseq-train failed ({' '.join(extra)}); log {log_path}:\n{tail}")
+    wps, ms = [], []
+    with open(log_path) as log:
+        for line in log:
+            if "| train_inner |" not in line:
+                continue
+            stats = json.loads(line.split("| train_inner |", 1)[1])
+            if int(stats["num_updates"]) > args.warmup_updates and float(stats["wps"]) > 0:
+                wps.append(float(stats["wps"]))
+                ms.append(1000.0 * float(stats["wpb"]) / float(stats["wps"]))
+    if not wps:
+        raise RuntimeError(f"no timed updates in {log_path}: raise --updates above "
+                           f"--warmup-updates ({args.warmup_updates})")
+    return statistics.median(wps), statistics.median(ms), usage.ru_maxrss / 1024
+
+
+def run_train(args, device) -> List[dict]:
+    from .prepare import prepare
+
+    os.makedirs(args.work_dir, exist_ok=True)
+    # fairseq-hash-prepare runs fairseq-preprocess from PATH, which may lack
+    # the bin folder of this (not activated) environment
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+    data_bin = args.data_bin or prepare(os.path.join(args.work_dir, "data"))
+    models, skipped = train_models(args.experts)
+    for name in skipped:
+        logger.warning(f"skipped train {name}: hash_transformer_lm has no --router flag yet")
+    results = {i: [] for i in range(len(models))}
+    for r in range(args.repeat):
+        order = list(range(len(models)))
+        shift = r % len(order)
+        for i in order[shift:] + order[:shift]:  # alternate who runs first
+            label, K, extra = models[i]
+            log_path = os.path.join(args.work_dir, f"train-{label}-{K}-round{r}.log")
+            logger.info(f"round {r + 1}/{args.repeat}: fairseq-train {label} experts {K}")
+            results[i].append(fairseq_train_speed(data_bin, extra, args, device, log_path))
+    rows = []
+    for i, (label, K, _) in enumerate(models):
+        wps = statistics.median(x[0] for x in results[i])
+        ms = statistics.median(x[1] for x in results[i])
+        peak = max(x[2] for x in results[i])
+        # the load of a shared machine drifts between rounds: compare each run
+        # with the dense run of its own round, then take the median
+        ratio = statistics.median(x[0] / d[0] for x, d in zip(results[i], results[0]))
+        rows.append(dict(impl=f"train-{label}", experts=K, tokens=args.train_tokens,
+                         ms=round(ms, 1), peak_mb=round(peak, 1), wps=round(wps, 1),
+                         x_dense=round(ratio, 3),
+                         rounds_wps=[round(x[0], 1) for x in results[i]]))
+    return rows
+
+
+def print_train_table(rows, out=sys.stdout):
+    print(f"{'model':<14} {'experts':>7} {'tokens':>7} {'words/s':>9} {'ms/update':>10} "
+          f"{'x dense wps':>11} {'peak_mb':>8}  words/s of each round", file=out)
+    for row in rows:
+        print(f"{row['impl']:<14} {row['experts']:>7} {row['tokens']:>7} {row['wps']:9.1f} "
+              f"{row['ms']:10.1f} {row['x_dense']:11.3f} {row['peak_mb']:8.1f}  "
+              f"{' '.join(str(w) for w in row['rounds_wps'])}", file=out)
+
+
+# ----------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="fairseq-hash-bench",
+                                     description="Time a routed FFN sublayer (hash, naive, "
+                                     "fairscale, learned routers) beside a dense FFN, or "
+                                     "whole-model training through fairseq-train (--train).")
+    parser.add_argument("--tokens", type=int, nargs="+", metavar="S",
+                        help="tokens per step: layer mode times each S (default 8192); "
+                        "with --train, the first is fairseq's --max-tokens (default 2048)")
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64], metavar="K",
+                        help="numbers of experts to compare (default 4 16 64)")
+    parser.add_argument("--embed-dim", type=int, default=512,
+                        help="model width d of the FFN sublayer (default 512)")
+    parser.add_argument("--ffn-dim", type=int, default=2048,
+                        help="hidden width f of the dense FFN and of every expert (default 2048)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of weights and activations in layer mode (default float32)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device, e.g. cpu or cuda or cuda:1 (default cpu)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="timed rounds after one warm-up (layer mode; default 5) or "
+                        "rounds of training runs, every model once a round (--train; default 5)")
+    parser.add_argument("--impls", nargs="+", default=list(LAYER_IMPLS), choices=LAYER_IMPLS,
+                        help="implementations to time in layer mode (default: all)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch intra-op threads for every implementation "
+                        f"(default {torch.get_num_threads()}, torch's default here)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the memory pass (peak_mb, act_mb) of layer mode")
+    parser.add_argument("--json", metavar="FILE",
+                        help="also write the rows as a JSON list to FILE")
+    parser.add_argument("--train", action="store_true",
+                        help="measure whole-model training words/s through fairseq-train "
+                        "instead of one layer")
+    parser.add_argument("--layers", type=int, default=6,
+                        help="--train: decoder layers; the last one is the hash layer (default 6)")
+    parser.add_argument("--updates", type=int, default=12,
+                        help="--train: updates per run (default 12)")
+    parser.add_argument("--warmup-updates", type=int, default=3,
+                        help="--train: first updates left out of the speed (default 3)")
+    parser.add_argument("--data-bin", metavar="DIR",
+                        help="--train: a fairseq language-modelling data-bin (default: the "
+                        "built-in corpus, prepared once in --work-dir)")
+    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(),
+                                                           "fairseq-hash-bench"),
+                        help="--train: folder for the prepared data and fairseq's logs "
+                        "(default: fairseq-hash-bench in the temporary folder)")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if min(args.experts) < 1:
+        parser.error("--experts must be positive")
+    if args.tokens and min(args.tokens) < 1:
+        parser.error("--tokens must be positive")
+    args.train_tokens = args.tokens[0] if args.tokens else 2048
+    return args
+
+
+def run(argv=None) -> List[dict]:
+    """Run the benchmark as the command line would; return its rows."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | "
+                        "%(message)s")
+    logging.getLogger("fairseq").setLevel(logging.WARNING)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if args.train:
+        rows = run_train(args, device)
+        print_train_table(rows)
+    else:
+        rows = run_layers(args, device, dtype)
+        print_layer_table(rows)
+    load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"device {device}, dtype {args.dtype}, threads {args.threads}, "
+          f"d {args.embed_dim}, f {args.ffn_dim}; load average (1, 5, 15 min) before "
+          f"{load and tuple(round(x, 2) for x in load)}, after "
+          f"{load_after and tuple(round(x, 2) for x in load_after)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def main(argv=None):
+    run(argv)
+
+
+if __name__ == "__main__":
+    main()

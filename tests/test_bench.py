@@ -1,0 +1,125 @@
+"""fairseq-hash-bench runs at a tiny size, writes valid JSON, and compares
+implementations that compute the same thing. No timing is asserted."""
+import json
+import os
+
+import pytest
+import torch
+
+from fairseq_hash.cli import bench
+
+TINY = ["--tokens", "64", "--experts", "2", "4", "--embed-dim", "8", "--ffn-dim", "16",
+        "--repeat", "1", "--threads", "1"]
+CPU = torch.device("cpu")
+
+
+def learned_routers_present():
+    return [n for n in bench.LEARNED_ROUTERS if bench.find_router_class(n) is not None]
+
+
+def test_layer_benchmark_writes_a_json_row_per_implementation_and_size(tmp_path):
+    path = tmp_path / "bench.json"
+    bench.run(TINY + ["--json", str(path)])
+    rows = json.loads(path.read_text())
+    for row in rows:
+        assert {"impl", "experts", "tokens", "ms", "peak_mb"} <= set(row)
+        assert row["ms"] > 0 and row["tokens"] == 64
+        assert row["peak_mb"] is None or row["peak_mb"] >= 0
+    expected = {"dense", "floor", "hash", "naive", "fairscale"} | set(learned_routers_present())
+    for K in (2, 4):
+        assert {r["impl"] for r in rows if r["experts"] == K} >= expected
+
+
+def test_help_gives_a_sentence_for_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--tokens", "--experts", "--embed-dim", "--ffn-dim", "--dtype", "--device",
+                 "--repeat", "--json", "--train"):
+        assert flag in text
+
+
+def outputs_and_expert_grads(impl, S, d):
+    impl.step()
+    outputs, _ = impl.run()
+    module = impl.modules[0]
+    if hasattr(module, "experts") and hasattr(module.experts, "fc1_weight"):  # MoELayer
+        grads = [module.experts.fc1_weight.grad, module.experts.fc2_bias.grad]
+    else:
+        experts = module.experts
+        grads = [torch.stack([e.fc1.weight.grad for e in experts]),
+                 torch.stack([e.fc2.bias.grad for e in experts])]
+    return outputs[0].detach().reshape(S, d), grads, impl.inputs[0].grad.reshape(S, d)
+
+
+def test_hash_naive_and_fairscale_route_and_compute_alike():
+    S, K, d, f = 96, 4, 8, 16
+    built, notes = bench.build_case(["hash", "naive", "fairscale"], S, K, d, f,
+                                    torch.float32, CPU)
+    assert not notes
+    ref = outputs_and_expert_grads(built["hash"], S, d)
+    for name in ("naive", "fairscale"):
+        got = outputs_and_expert_grads(built[name], S, d)
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+        for g, g_ref in zip(got[1], ref[1]):
+            torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+
+
+def test_hash_activation_memory_does_not_grow_with_experts():
+    saved = []
+    for K in (2, 16):
+        built, _ = bench.build_case(["hash"], 256, K, 16, 32, torch.float32, CPU)
+        saved.append(bench.measure_memory(built["hash"], CPU)[1])
+    assert saved[0] == saved[1] > 0
+
+
+def test_missing_learned_router_is_skipped_with_a_note(monkeypatch):
+    monkeypatch.setattr(bench, "find_router_class", lambda name: None)
+    built, notes = bench.build_case(["hash", "switch"], 32, 2, 8, 16, torch.float32, CPU)
+    assert "hash" in built and "switch" not in built and "switch" in notes["switch"]
+
+
+def test_train_mode_reports_words_per_second_for_dense_and_hash(tmp_path):
+    from fairseq_hash.cli.prepare import prepare
+
+    os.environ["PATH"] = os.path.dirname(os.sys.executable) + os.pathsep + os.environ["PATH"]
+    data_bin = prepare(str(tmp_path / "data"), max_lines=300)
+    path = tmp_path / "train.json"
+    bench.run(["--train", "--experts", "2", "--tokens", "256", "--embed-dim", "16",
+               "--ffn-dim", "32", "--layers", "2", "--updates", "3", "--warmup-updates", "1",
+               "--repeat", "1", "--data-bin", data_bin, "--work-dir", str(tmp_path / "work"),
+               "--json", str(path)])
+    rows = json.loads(path.read_text())
+    assert [r["impl"] for r in rows][:2] == ["train-dense", "train-hash"]
+    for row in rows:
+        assert row["ms"] > 0 and row["wps"] > 0 and row["peak_mb"] > 0
+
+
+def test_learned_router_found_by_name_is_benchmarked(monkeypatch):
+    from fairseq_hash import routers
+
+    class SwitchRouter(torch.nn.Module):  # the shape a learned router is expected to have
+        def __init__(self, embed_dim, num_experts, capacity_factor=1.0):
+            super().__init__()
+            self.gate = torch.nn.Linear(embed_dim, num_experts)
+
+        def forward(self, x, route):
+            weight, index = self.gate(x).softmax(-1).max(-1)
+            return routers.RouterOutput(indices=index[:, None], weights=weight[:, None])
+
+    monkeypatch.setattr(routers, "SwitchRouter", SwitchRouter, raising=False)
+    built, notes = bench.build_case(["switch"], 32, 4, 8, 16, torch.float32, CPU)
+    assert not notes
+    built["switch"].step()
+    assert built["switch"].modules[0].router.gate.weight.grad is not None
+
+
+def test_bfloat16_layer_benchmark_runs_hash_and_notes_fairscales_float32_cast(tmp_path, caplog):
+    path = tmp_path / "bf16.json"
+    bench.run(["--tokens", "64", "--experts", "2", "--embed-dim", "8", "--ffn-dim", "16",
+               "--repeat", "1", "--threads", "1", "--dtype", "bfloat16",
+               "--impls", "dense", "hash", "fairscale", "--json", str(path)])
+    impls = [r["impl"] for r in json.loads(path.read_text())]
+    assert impls == ["dense", "hash"]  # fairscale casts its dispatch mask to float32
+    assert "skipped fairscale" in caplog.text
