@@ -36,7 +36,7 @@ def run_logged(cmd, log_path, commands_file):
                                 env=env)
         for line in proc.stdout:
             log.write(line)
-            if any(k in line for k in (
+            if "| {'_name'" not in line and any(k in line for k in (  # not the config dump
                     "train_inner", "| valid |", "| train |", "hash", "Loss", "done training",
                     "Saved checkpoint", "num. model params", "rror")):
                 sys.stdout.write(line)
