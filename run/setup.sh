@@ -22,19 +22,22 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$SETUP_VERSION" ] \
   exit 0
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-# this machine's pip config lists local mirrors that may be absent; its
-# warnings about them are noise
 export PIP_NO_WARN_SCRIPT_LOCATION=1
-"${PIP[@]}" install -q --upgrade "pip<26" setuptools wheel
+pip_install() {
+  # some machines' pip config lists local package folders that may be absent;
+  # pip warns about each one on every install, which hides real messages
+  "${PIP[@]}" install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+pip_install --upgrade "pip<26" setuptools wheel
 # torch first and pinned: the CPU build of 2.13.0 is at hand; an open range
 # would pull a multi-GB CUDA build.
-"${PIP[@]}" install -q "torch==2.13.0" "numpy<2" cython
+pip_install "torch==2.13.0" "numpy<2" cython
 # fairseq-fixed builds C++ extensions against the torch above (about 5 minutes,
 # cached by pip afterwards).
-"${PIP[@]}" install -q --no-build-isolation "fairseq-fixed==0.12.3.1" \
+pip_install --no-build-isolation "fairseq-fixed==0.12.3.1" \
   "hydra-core==1.3.2" "omegaconf==2.3.0" "torch==2.13.0" "numpy<2"
-"${PIP[@]}" install -q "fairscale==0.4.13" --no-deps
-"${PIP[@]}" install -q sentencepiece matplotlib pytest "torch==2.13.0" "numpy<2"
-"${PIP[@]}" install -q --no-build-isolation --no-deps -e "$ROOT"
+pip_install "fairscale==0.4.13" --no-deps
+pip_install sentencepiece matplotlib pytest "torch==2.13.0" "numpy<2"
+pip_install --no-build-isolation --no-deps -e "$ROOT"
 echo "$SETUP_VERSION" > "$STAMP"
 echo "run/setup.sh: environment ready in $VENV"
