@@ -542,9 +542,6 @@ def run_train(args, device) -> List[dict]:
     from .prepare import prepare
 
     os.makedirs(args.work_dir, exist_ok=True)
-    # fairseq-hash-prepare runs fairseq-preprocess from PATH, which may lack
-    # the bin folder of this (not activated) environment
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
     data_bin = args.data_bin or prepare(os.path.join(args.work_dir, "data"))
     models, skipped = train_models(args.experts)
     for name in skipped:

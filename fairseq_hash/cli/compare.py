@@ -428,7 +428,6 @@ def main(argv=None):
         from .prepare import prepare
 
         print("preparing data (sentencepiece, fairseq-preprocess) ...", flush=True)
-        os.environ["PATH"] = subprocess_env()["PATH"]  # prepare() runs fairseq-preprocess by name
         data_bin = os.path.abspath(prepare(os.path.join(cfg.output_dir, "data"), cfg.text,
                                            cfg.vocab_size, max_lines=cfg.max_lines))
     runs = plan_runs(cfg.model_list, cfg.expert_list)
