@@ -1,5 +1,9 @@
 """fairseq-hash: Hash Layers (Roller et al., NeurIPS 2021) as a fairseq --user-dir plugin."""
-from .errors import install_excepthook
-from . import criterions, hashing, models  # noqa: F401  (registers hash functions, models, criterions)
+from .huge_pages import request_huge_pages
+
+request_huge_pages()  # before any tensor exists: torch reads it once
+
+from .errors import install_excepthook  # noqa: E402
+from . import criterions, hashing, models, optim  # noqa: F401,E402  (registers hash functions, models, criterions)
 
 install_excepthook()

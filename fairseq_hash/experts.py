@@ -103,6 +103,33 @@ def for_expert_groups(device: torch.device, counts: List[int], work: Callable):
         future.result()
 
 
+def _storage_owners(t: torch.Tensor) -> int:
+    """Tensors and storages holding ``t``'s memory, ``t`` included."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1  # less the one just made
+
+
+def weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
+    """Memory for the gradient of a stacked weight: the last one's, where it is free.
+
+    fairseq drops every gradient after the update (``p.grad = None``), so each
+    backward would ask for a fresh ``[K, f, d]`` tensor, which on CPU the
+    kernel maps and zeroes page by page as the products first write it (268 MB
+    at K=64, d=512, f=2048). A CPU parameter keeps its last gradient's memory
+    and lends it again when nothing else holds it: ``.grad`` was dropped and
+    nobody kept a reference. Autograd receives a new tensor on that memory and
+    makes it the new ``.grad``. (On CUDA, torch's caching allocator already
+    reuses memory.)
+    """
+    if weight.device.type != "cpu" or not weight.is_leaf:
+        return torch.empty_like(weight)
+    buffer = getattr(weight, "_fairseq_hash_grad", None)
+    if (buffer is None or buffer.shape != weight.shape or buffer.dtype != weight.dtype
+            or _storage_owners(buffer) > 1):
+        buffer = torch.empty_like(weight)
+        weight._fairseq_hash_grad = buffer
+    return buffer.view(buffer.shape)
+
+
 @lru_cache(maxsize=None)
 def grouped_mm_available(device_type: str, device_index, dtype: torch.dtype) -> bool:
     """Whether torch has a native grouped matrix product for this device and dtype."""
@@ -181,7 +208,7 @@ class GroupedLinear(torch.autograd.Function):
         grad_x = x.new_empty(x.shape) if need_x else None
         # empty, not zeros: a memset of [K, out, in] costs as much as a small
         # expert's product; only experts that received no token are zeroed
-        grad_w = torch.empty_like(weight) if need_w else None
+        grad_w = weight_grad_buffer(weight) if need_w else None
         grad_b = weight.new_empty(weight.size(0), weight.size(1)) if need_b else None
         for e, count in enumerate(ctx.counts):
             if count == 0:
@@ -240,9 +267,9 @@ class GroupedFFN(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
         grad_x = torch.empty_like(x) if need_x else None
-        grads = [torch.empty_like(w1) if need_w1 else None,
+        grads = [weight_grad_buffer(w1) if need_w1 else None,
                  w1.new_empty(w1.shape[:2]) if need_b1 else None,
-                 torch.empty_like(w2) if need_w2 else None,
+                 weight_grad_buffer(w2) if need_w2 else None,
                  w2.new_empty(w2.shape[:2]) if need_b2 else None]
         for e, count in enumerate(ctx.counts):
             if count == 0:  # an expert that received no token gets an exact zero

@@ -80,7 +80,7 @@ def test_missing_learned_router_is_skipped_with_a_note(monkeypatch):
     assert "hash" in built and "switch" not in built and "switch" in notes["switch"]
 
 
-def test_train_mode_reports_words_per_second_for_dense_and_hash(tmp_path):
+def test_train_mode_reports_words_per_second_for_dense_and_hash_with_each_optimizer(tmp_path):
     from fairseq_hash.cli.prepare import prepare
 
     os.environ["PATH"] = os.path.dirname(os.sys.executable) + os.pathsep + os.environ["PATH"]
@@ -89,9 +89,12 @@ def test_train_mode_reports_words_per_second_for_dense_and_hash(tmp_path):
     bench.run(["--train", "--experts", "2", "--tokens", "256", "--embed-dim", "16",
                "--ffn-dim", "32", "--layers", "2", "--updates", "3", "--warmup-updates", "1",
                "--repeat", "1", "--data-bin", data_bin, "--work-dir", str(tmp_path / "work"),
-               "--json", str(path)])
+               "--impls", "hash", "--optimizer", "adam", "fused_adamw", "--json", str(path)])
     rows = json.loads(path.read_text())
-    assert [r["impl"] for r in rows][:2] == ["train-dense", "train-hash"]
+    assert [(r["impl"], r["optimizer"]) for r in rows] == [
+        ("train-dense", "adam"), ("train-hash", "adam"),
+        ("train-dense", "fused_adamw"), ("train-hash", "fused_adamw")]
+    assert rows[0]["x_dense"] == rows[2]["x_dense"] == 1.0
     for row in rows:
         assert row["ms"] > 0 and row["wps"] > 0 and row["peak_mb"] > 0
 

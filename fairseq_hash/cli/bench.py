@@ -38,7 +38,8 @@ Train mode (``--train``) runs ``fairseq-train`` on a small language-modelling
 data-bin (``--data-bin``, or one built by ``fairseq-hash-prepare`` in
 ``--work-dir``) for the same model with and without a hash layer (the last
 layer; one run per K), and with each learned router where the model has a
-``--router`` flag, and reports fairseq's training words per second: the
+``--router`` flag (``--impls`` chooses among them), with each ``--optimizer``
+(fairseq's ``adam``, this project's ``fused_adamw``), and reports fairseq's training words per second: the
 median over the timed updates of a run, then over ``--repeat`` rounds;
 ``x dense`` is the median over rounds of the ratio to the dense run of the
 same round (runs of a round follow each other, in an order that rotates).
@@ -477,22 +478,24 @@ def criterion_registered(name: str) -> bool:
     return name in CRITERION_REGISTRY
 
 
-def train_models(experts: List[int]):
-    """(label, K, extra fairseq-train arguments) of each model to train."""
+def train_models(experts: List[int], impls=LAYER_IMPLS):
+    """(label, K, extra fairseq-train arguments) of each model to train; dense first."""
     models = [("dense", 0, ["--arch", "transformer_lm"])]
-    for K in experts:
-        models.append(("hash", K, ["--arch", "hash_transformer_lm", "--hash-layer", "-1",
-                                   "--hash-experts", str(K), "--hash-type", "balanced"]))
+    if "hash" in impls:
+        for K in experts:
+            models.append(("hash", K, ["--arch", "hash_transformer_lm", "--hash-layer", "-1",
+                                       "--hash-experts", str(K), "--hash-type", "balanced"]))
+    learned = [name for name in LEARNED_ROUTERS if name in impls]
     skipped = []
     if model_has_field("router"):
         criterion = (["--criterion", "moe_cross_entropy"]
                      if criterion_registered("moe_cross_entropy") else [])
-        for name in LEARNED_ROUTERS:
+        for name in learned:
             for K in experts:
                 models.append((name, K, ["--arch", "hash_transformer_lm", "--hash-layer", "-1",
                                          "--hash-experts", str(K), "--router", name] + criterion))
     else:
-        skipped = list(LEARNED_ROUTERS)
+        skipped = learned
     return models, skipped
 
 
@@ -506,7 +509,7 @@ def fairseq_train_speed(data_bin, extra, args, device, log_path):
            "--decoder-ffn-embed-dim", str(args.ffn_dim), "--decoder-attention-heads", "8",
            "--tokens-per-sample", str(min(512, args.train_tokens)),
            "--max-tokens", str(args.train_tokens),
-           "--max-update", str(args.updates), "--optimizer", "adam", "--lr", "0.0005",
+           "--max-update", str(args.updates), "--lr", "0.0005",
            "--no-save", "--save-dir", os.path.join(args.work_dir, "checkpoints"),
            "--disable-validation", "--log-format", "json", "--log-interval", "1",
            "--seed", "1", "--num-workers", "0"] + extra
@@ -543,38 +546,45 @@ def run_train(args, device) -> List[dict]:
 
     os.makedirs(args.work_dir, exist_ok=True)
     data_bin = args.data_bin or prepare(os.path.join(args.work_dir, "data"))
-    models, skipped = train_models(args.experts)
+    models, skipped = train_models(args.experts, args.impls)
     for name in skipped:
         logger.warning(f"skipped train {name}: hash_transformer_lm has no --router flag yet")
-    results = {i: [] for i in range(len(models))}
+    runs = [(label, K, extra + ["--optimizer", optimizer], optimizer)
+            for optimizer in args.optimizer for label, K, extra in models]
+    results = {i: [] for i in range(len(runs))}
     for r in range(args.repeat):
-        order = list(range(len(models)))
+        order = list(range(len(runs)))
         shift = r % len(order)
         for i in order[shift:] + order[:shift]:  # alternate who runs first
-            label, K, extra = models[i]
-            log_path = os.path.join(args.work_dir, f"train-{label}-{K}-round{r}.log")
-            logger.info(f"round {r + 1}/{args.repeat}: fairseq-train {label} experts {K}")
+            label, K, extra, optimizer = runs[i]
+            log_path = os.path.join(args.work_dir, f"train-{label}-{K}-{optimizer}-round{r}.log")
+            logger.info(f"round {r + 1}/{args.repeat}: fairseq-train {label} experts {K} "
+                        f"--optimizer {optimizer}")
             results[i].append(fairseq_train_speed(data_bin, extra, args, device, log_path))
+    dense_run = {optimizer: i for i, (label, _, _, optimizer) in enumerate(runs)
+                 if label == "dense"}
     rows = []
-    for i, (label, K, _) in enumerate(models):
+    for i, (label, K, _, optimizer) in enumerate(runs):
+        dense = results[dense_run[optimizer]]
         wps = statistics.median(x[0] for x in results[i])
         ms = statistics.median(x[1] for x in results[i])
         peak = max(x[2] for x in results[i])
         # the load of a shared machine drifts between rounds: compare each run
-        # with the dense run of its own round, then take the median
-        ratio = statistics.median(x[0] / d[0] for x, d in zip(results[i], results[0]))
+        # with the dense run (same optimizer) of its own round, then take the median
+        ratio = statistics.median(x[0] / d[0] for x, d in zip(results[i], dense))
         rows.append(dict(impl=f"train-{label}", experts=K, tokens=args.train_tokens,
-                         ms=round(ms, 1), peak_mb=round(peak, 1), wps=round(wps, 1),
-                         x_dense=round(ratio, 3),
+                         optimizer=optimizer, ms=round(ms, 1), peak_mb=round(peak, 1),
+                         wps=round(wps, 1), x_dense=round(ratio, 3),
                          rounds_wps=[round(x[0], 1) for x in results[i]]))
     return rows
 
 
 def print_train_table(rows, out=sys.stdout):
-    print(f"{'model':<14} {'experts':>7} {'tokens':>7} {'words/s':>9} {'ms/update':>10} "
-          f"{'x dense wps':>11} {'peak_mb':>8}  words/s of each round", file=out)
+    print(f"{'model':<14} {'experts':>7} {'tokens':>7} {'optimizer':>11} {'words/s':>9} "
+          f"{'ms/update':>10} {'x dense wps':>11} {'peak_mb':>8}  words/s of each round", file=out)
     for row in rows:
-        print(f"{row['impl']:<14} {row['experts']:>7} {row['tokens']:>7} {row['wps']:9.1f} "
+        print(f"{row['impl']:<14} {row['experts']:>7} {row['tokens']:>7} {row['optimizer']:>11} "
+              f"{row['wps']:9.1f} "
               f"{row['ms']:10.1f} {row['x_dense']:11.3f} {row['peak_mb']:8.1f}  "
               f"{' '.join(str(w) for w in row['rounds_wps'])}", file=out)
 
@@ -604,7 +614,12 @@ def parse_args(argv=None):
                         help="timed rounds after one warm-up (layer mode; default 5) or "
                         "rounds of training runs, every model once a round (--train; default 5)")
     parser.add_argument("--impls", nargs="+", default=list(LAYER_IMPLS), choices=LAYER_IMPLS,
-                        help="implementations to time in layer mode (default: all)")
+                        help="implementations to time (default: all); --train runs dense and "
+                        "those of hash, switch, top2, base named here")
+    parser.add_argument("--optimizer", nargs="+", default=["adam"],
+                        choices=["adam", "fused_adamw"],
+                        help="--train: fairseq optimizers to train with, every model with each "
+                        "(default adam; fused_adamw is this project's one-pass Adam)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch intra-op threads for every implementation "
                         f"(default {torch.get_num_threads()}, torch's default here)")
