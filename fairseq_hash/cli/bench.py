@@ -50,7 +50,6 @@ import gc
 import inspect
 import json
 import logging
-import math
 import os
 import statistics
 import subprocess
@@ -58,11 +57,13 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .tool_env import tool_env
 
 logger = logging.getLogger("fairseq_hash.bench")
 
@@ -515,9 +516,7 @@ def fairseq_train_speed(data_bin, extra, args, device, log_path):
            "--seed", "1", "--num-workers", "0"] + extra
     if device.type == "cpu":
         cmd.append("--cpu")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               PYTHONWARNINGS="ignore")
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env = tool_env(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)

@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from .tool_env import tool_env
+
 logger = logging.getLogger("fairseq_hash.compare")
 
 # model name -> fairseq-train arguments that make it
@@ -137,20 +139,13 @@ def cuda_available():
     return torch.cuda.is_available()
 
 
-def subprocess_env():
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    # fairseq-preprocess and friends live beside this interpreter, maybe off PATH
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    return env
-
-
 def run_logged(cmd, log_path, on_line=None):
     """Run ``cmd``, writing its output to ``log_path``; returns (exit code, lines)."""
     lines = []
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("# " + " ".join(cmd) + "\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=subprocess_env(), bufsize=1)
+                                env=tool_env(), bufsize=1)
         for line in proc.stdout:
             log.write(line)
             lines.append(line)

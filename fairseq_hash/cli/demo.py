@@ -20,6 +20,7 @@ import sys
 import time
 
 from .prepare import prepare
+from .tool_env import tool_env
 from .user_dir import user_dir
 
 PROMPTS = ["Return the", "This module provides", "If the"]
@@ -30,10 +31,9 @@ def run_logged(cmd, log_path, commands_file):
     commands_file.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
     commands_file.flush()
     print(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}\n", flush=True)
-    env = dict(os.environ, PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env)
+                                env=tool_env())
         for line in proc.stdout:
             log.write(line)
             if "| {'_name'" not in line and any(k in line for k in (  # not the config dump

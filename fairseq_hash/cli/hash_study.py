@@ -25,6 +25,7 @@ import sys
 import time
 
 from ..errors import HashConfigError, install_excepthook
+from .tool_env import tool_env
 
 logger = logging.getLogger("fairseq_hash.hash_study")
 
@@ -95,7 +96,7 @@ def train(name, data, a, tables):
     start = time.time()
     with open(log + ".tmp", "w") as out:
         proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                              env=tool_env())
     if proc.returncode != 0:
         with open(log + ".tmp") as f:
             tail = f.read()[-3000:]
@@ -121,7 +122,6 @@ def valid_curve(log):
 
 def evaluate(name, folder, data, a):
     """Valid/test perplexity of the last checkpoint and the valid load of its hash layers."""
-    import torch
     from fairseq import checkpoint_utils
 
     from .report import collect, layer_report

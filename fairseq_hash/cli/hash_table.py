@@ -119,7 +119,7 @@ def main(argv=None):
     fn = HASH_REGISTRY[args.type]
     if fn.token_rows and fn.columns_per_hash == 1:
         share = expected_load(table, token_counts(dictionary), args.experts)
-        print(f"expected load max/mean per hash: "
+        print("expected load max/mean per hash: "
               + ", ".join(f"{float(s.max()) * args.experts:.3f}" for s in share), file=sys.stderr)
     print(args.output)
 
