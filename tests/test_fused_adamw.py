@@ -65,3 +65,12 @@ def test_fairseq_train_with_fused_adamw_lowers_the_loss_and_resumes(data_bin, tm
     resumed = proc.stdout + proc.stderr
     assert "loaded checkpoint" in resumed.lower()
     assert [row["num_updates"] for row in json_logs(resumed, "train_inner")][-1] == 35
+
+
+def test_fairseq_hash_help_lists_the_optimizer_flags_beside_the_hash_flags():
+    out = run([tool("fairseq-hash-help")]).stdout
+    optimizer = out[out.index("--optimizer fused_adamw"):]
+    for flag, default in (("--adam-betas", "(0.9, 0.999)"), ("--adam-eps", "1e-8"),
+                          ("--weight-decay", "default 0")):
+        assert flag in optimizer and default in optimizer
+    assert "--hash-experts" in out[:out.index("--optimizer fused_adamw")]

@@ -2,7 +2,8 @@
 
 fairseq's ``--help`` prints before the model's own flags are added to its
 parser (for every ``--arch``, fairseq's own included), so this command lists
-ours: ``fairseq-hash-help`` (or ``fairseq-hash-help --arch hash_transformer_lm``).
+ours: ``fairseq-hash-help`` (or ``fairseq-hash-help --arch hash_transformer_lm``),
+and those of ``--optimizer fused_adamw``.
 """
 import argparse
 
@@ -18,6 +19,7 @@ def main(argv=None):
     from fairseq.models import ARCH_MODEL_REGISTRY
 
     from fairseq_hash.models.hash_transformer_lm import HashLayerConfig
+    from fairseq_hash.optim.fused_adamw import FusedAdamWConfig
 
     if args.arch not in ARCH_MODEL_REGISTRY:
         raise SystemExit(f"fairseq-hash-help: error: --arch {args.arch} is not registered")
@@ -25,6 +27,9 @@ def main(argv=None):
         prog=f"fairseq-train DATA --user-dir $(fairseq-hash-user-dir) --arch {args.arch}",
         add_help=False, usage=argparse.SUPPRESS)
     gen_parser_from_dataclass(flags.add_argument_group("hash layers"), HashLayerConfig())
+    gen_parser_from_dataclass(
+        flags.add_argument_group("--optimizer fused_adamw (fairseq's adam in one fused pass)"),
+        FusedAdamWConfig())
     flags.print_help()
 
 

@@ -30,13 +30,13 @@ from omegaconf import II
 @dataclass
 class FusedAdamWConfig(FairseqDataclass):
     adam_betas: Any = field(
-        default=(0.9, 0.999), metadata={"help": "betas for Adam, as for --optimizer adam"}
+        default=(0.9, 0.999), metadata={"help": "betas for Adam, as for --optimizer adam (default (0.9, 0.999))"}
     )
     adam_eps: float = field(
-        default=1e-8, metadata={"help": "epsilon for Adam, placed as --optimizer adam places it"}
+        default=1e-8, metadata={"help": "epsilon for Adam, placed as --optimizer adam places it (default 1e-8)"}
     )
     weight_decay: float = field(
-        default=0.0, metadata={"help": "decoupled (AdamW) weight decay, as for --optimizer adam"}
+        default=0.0, metadata={"help": "decoupled (AdamW) weight decay, as for --optimizer adam (default 0)"}
     )
     lr: List[float] = II("optimization.lr")
 
