@@ -68,7 +68,7 @@ def test_fairseq_train_with_fused_adamw_lowers_the_loss_and_resumes(data_bin, tm
 
 
 def test_fairseq_hash_help_lists_the_optimizer_flags_beside_the_hash_flags():
-    out = run([tool("fairseq-hash-help")]).stdout
+    out = " ".join(run([tool("fairseq-hash-help")]).stdout.split())  # unwrapped
     optimizer = out[out.index("--optimizer fused_adamw"):]
     for flag, default in (("--adam-betas", "(0.9, 0.999)"), ("--adam-eps", "1e-8"),
                           ("--weight-decay", "default 0")):
