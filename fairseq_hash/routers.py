@@ -48,14 +48,25 @@ class HashRouter(nn.Module):
     """
 
     def __init__(self, hash_fn: HashFunction, table: torch.Tensor, num_experts: int,
-                 dict_fingerprint: int):
+                 dict_fingerprint: int, missing_file: str = None):
         super().__init__()
         self.hash_fn = hash_fn
         self.num_experts = num_experts
         self.register_buffer("table", table.long())
         self.register_buffer("dict_fingerprint", torch.tensor([dict_fingerprint]))
+        # a --hash-file that was not found: the table must come from a checkpoint
+        self.missing_file = missing_file
+
+    @classmethod
+    def awaiting_checkpoint(cls, hash_fn, num_experts, dict_fingerprint, hash_file, count=1):
+        """A router whose ``--hash-file`` is gone: usable once a checkpoint gives its table."""
+        table = torch.zeros(0, count * hash_fn.columns_per_hash, dtype=torch.long)
+        return cls(hash_fn, table, num_experts, dict_fingerprint, missing_file=hash_file)
 
     def forward(self, x: torch.Tensor, route: RouteInputs) -> RouterOutput:
+        if self.missing_file:
+            raise HashConfigError(f"--hash-file {self.missing_file}: no such file (and no "
+                                  f"checkpoint gave the table it was trained with)")
         experts = self.hash_fn.route(self.table, route)  # [B, T, N]
         # fairseq's layers see time-major [T, B, d] features, flattened to [T*B, d]
         indices = experts.transpose(0, 1).reshape(-1, experts.size(-1))
@@ -68,6 +79,10 @@ class HashRouter(nn.Module):
         fingerprint = state_dict.get(prefix + "dict_fingerprint")
         if table is None:
             return
+        if self.missing_file and table.size(1) == self.table.size(1):
+            # the checkpoint carries the table the file held: take its shape
+            self.table = table.new_empty(table.shape)
+            self.missing_file = None
         if table.shape != self.table.shape or (
             fingerprint is not None and int(fingerprint[0]) != int(self.dict_fingerprint[0])
         ):

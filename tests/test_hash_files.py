@@ -1,6 +1,8 @@
 """Table files: fairseq-hash-table writes them, --hash-file trains with them."""
 import argparse
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -123,3 +125,29 @@ def test_cli_refuses_missing_inputs_in_one_line(tmp_path):
                         str(tmp_path / "c.json")], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "fairseq-hash-table: error: clustered tables need --checkpoint (a trained model)"
+
+
+def test_a_checkpoint_trained_with_a_file_loads_after_the_file_is_gone(tmp_path, corpus):
+    out = str(tmp_path / "random.json")
+    hashfns_run(["fairseq-hash-table", "random", "--data", corpus, "--experts", 4,
+                 "--output", out, "--seed", 5])
+    ckpt = hashfns_train(corpus, str(tmp_path / "ckpt"), "--hash-type", "random",
+                         "--hash-file", out, updates=2)
+    before = hashfns_run(["fairseq-eval-lm", corpus, "--path", ckpt, "--user-dir",
+                          hashfns_user_dir(), "--cpu", "--tokens-per-sample", "32"]).stderr
+    os.rename(out, out + ".moved")
+    after = hashfns_run(["fairseq-eval-lm", corpus, "--path", ckpt, "--user-dir",
+                         hashfns_user_dir(), "--cpu", "--tokens-per-sample", "32"]).stderr
+    loss = re.compile(r"Loss \(base 2\): ([0-9.]+)")
+    assert loss.search(after) and loss.search(after).group(1) == loss.search(before).group(1)
+
+
+def test_training_from_scratch_with_a_missing_file_fails_in_one_line(tmp_path, corpus):
+    missing = str(tmp_path / "missing.json")
+    proc = hashfns_run(["fairseq-train", corpus, "--user-dir", hashfns_user_dir(), *HASHFNS_TINY,
+                        "--hash-type", "random", "--hash-file", missing, "--max-update", 1,
+                        "--save-dir", str(tmp_path / "x")], check=False)
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("fairseq-hash: error:")]
+    assert len(errors) == 1 and f"--hash-file {missing}: no such file" in errors[0]
+    assert "Traceback" not in proc.stderr

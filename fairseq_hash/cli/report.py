@@ -220,9 +220,9 @@ def main(argv=None):
                         help="tokens a batch (default 4096)")
     parser.add_argument("--max-batches", type=int, default=0,
                         help="stop after this many batches (default 0: the whole split)")
-    parser.add_argument("--hash-file", help="where the table file of a clustered/dispersed "
-                        "checkpoint lies now, if it moved since training (the checkpoint's "
-                        "own table is used either way)")
+    parser.add_argument("--hash-file", help="a table file to build the model with instead "
+                        "of the one it was trained with (not needed: the checkpoint's own "
+                        "table is used either way)")
     args = parser.parse_args(argv)
     install_excepthook()
     try:

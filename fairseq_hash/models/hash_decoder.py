@@ -12,6 +12,7 @@ whole prefix, so the previous token and the position of the last step come
 from the prefix itself and routing equals a full forward pass.
 """
 import logging
+import os
 from typing import List
 
 import torch
@@ -84,7 +85,14 @@ def replace_ffn(layer: nn.Module, moe: MoELayer):
 
 def build_hash_router(args, dictionary, layer_idx: int, count: int) -> HashRouter:
     hash_fn = build_hash_function(args.hash_type, args.hash_experts)
+    router_cls = HashRouter if count == 1 else MultiHashRouter
+    fingerprint = dictionary_fingerprint(dictionary)
     hash_file = getattr(args, "hash_file", None)
+    if hash_file and not os.path.exists(hash_file):
+        # fairseq rebuilds a model from its saved flags before loading its
+        # weights, and the table is among them: a moved file is not needed then
+        return router_cls.awaiting_checkpoint(hash_fn, args.hash_experts, fingerprint,
+                                              hash_file, count)
     if hash_file:
         # one table from the file serves every hash layer
         table = load_table_file(hash_file, dictionary, args.hash_type, args.hash_experts, count)
@@ -92,8 +100,7 @@ def build_hash_router(args, dictionary, layer_idx: int, count: int) -> HashRoute
         table = hash_fn.build_table(
             dictionary, args.hash_experts, num_hashes=count, seed=args.hash_seed + layer_idx
         )
-    router_cls = HashRouter if count == 1 else MultiHashRouter
-    return router_cls(hash_fn, table, args.hash_experts, dictionary_fingerprint(dictionary))
+    return router_cls(hash_fn, table, args.hash_experts, fingerprint)
 
 
 def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: int) -> MoELayer:
@@ -123,8 +130,8 @@ def log_expected_load(moe_layers, dictionary):
     counts = token_counts(dictionary)
     for idx, moe in moe_layers.items():
         router = moe.router
-        if not isinstance(router, HashRouter):
-            continue  # a learned router: its load is learned, not known ahead
+        if not isinstance(router, HashRouter) or router.missing_file:
+            continue  # a learned router (load learned, not known ahead), or no table yet
         if not router.hash_fn.token_rows:
             continue  # not a token table (e.g. position); load depends on the data
         share = expected_load(router.table, counts, router.num_experts)[0]
