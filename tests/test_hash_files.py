@@ -111,13 +111,18 @@ def test_cli_clusters_a_checkpoints_embeddings_and_trains_with_it(tmp_path, corp
 def test_training_with_a_file_for_other_experts_fails_in_one_line(tmp_path, corpus):
     out = str(tmp_path / "random8.json")
     hashfns_run(["fairseq-hash-table", "random", "--data", corpus, "--experts", 8, "--output", out])
+    error = training_error(corpus, tmp_path, "--hash-type", "random", "--hash-file", out)
+    assert f"--hash-file {out} was built for 8 experts" in error
+
+
+def training_error(corpus, tmp_path, *flags):
+    """The one error line of a fairseq-train run that must fail."""
     proc = hashfns_run(["fairseq-train", corpus, "--user-dir", hashfns_user_dir(), *HASHFNS_TINY,
-                        "--hash-type", "random", "--hash-file", out, "--max-update", 1,
-                        "--save-dir", str(tmp_path / "x")], check=False)
+                        *flags, "--max-update", 1, "--save-dir", str(tmp_path / "x")], check=False)
     assert proc.returncode != 0
     errors = [l for l in proc.stderr.splitlines() if l.startswith("fairseq-hash: error:")]
-    assert len(errors) == 1 and f"--hash-file {out} was built for 8 experts" in errors[0]
-    assert "Traceback" not in proc.stderr
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    return errors[0]
 
 
 def test_cli_refuses_missing_inputs_in_one_line(tmp_path):
@@ -144,10 +149,5 @@ def test_a_checkpoint_trained_with_a_file_loads_after_the_file_is_gone(tmp_path,
 
 def test_training_from_scratch_with_a_missing_file_fails_in_one_line(tmp_path, corpus):
     missing = str(tmp_path / "missing.json")
-    proc = hashfns_run(["fairseq-train", corpus, "--user-dir", hashfns_user_dir(), *HASHFNS_TINY,
-                        "--hash-type", "random", "--hash-file", missing, "--max-update", 1,
-                        "--save-dir", str(tmp_path / "x")], check=False)
-    assert proc.returncode != 0
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("fairseq-hash: error:")]
-    assert len(errors) == 1 and f"--hash-file {missing}: no such file" in errors[0]
-    assert "Traceback" not in proc.stderr
+    error = training_error(corpus, tmp_path, "--hash-type", "random", "--hash-file", missing)
+    assert f"--hash-file {missing}: no such file" in error
