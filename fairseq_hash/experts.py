@@ -104,8 +104,11 @@ def for_expert_groups(device: torch.device, counts: List[int], work: Callable):
 
 
 def _storage_owners(t: torch.Tensor) -> int:
-    """Tensors and storages holding ``t``'s memory, ``t`` included."""
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1  # less the one just made
+    """Tensors and storages holding ``t``'s memory, ``t`` included (2 where unknown)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: absent, never reuse
+    if use_count is None:
+        return 2
+    return use_count(t.untyped_storage()._cdata) - 1  # less the storage object just made
 
 
 def weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
