@@ -46,3 +46,18 @@ def test_gradients_accumulate_over_two_backwards_without_zeroing():
     experts(x, counts).pow(2).sum().backward()  # update_freq 2: no zero_grad between
     for g, want in zip((experts.fc1_weight.grad, experts.fc2_weight.grad), once):
         torch.testing.assert_close(g, 2 * want)
+
+
+def test_without_torchs_storage_use_count_every_backward_gets_fresh_memory(monkeypatch):
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    torch.manual_seed(0)
+    experts = ExpertFFN(4, 8, 16)
+    x, counts = torch.randn(10, 8), [3, 2, 4, 1]
+    first = step(experts, x, counts)
+    kept = [g.clone() for g in first]
+    addresses = [g.data_ptr() for g in first]
+    del first  # free to reuse, had torch said so
+    second = step(experts, x, counts)
+    assert all(g.data_ptr() != a for g, a in zip(second, addresses))
+    for g, want in zip(second, kept):
+        assert torch.equal(g, want)
