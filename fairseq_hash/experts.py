@@ -104,11 +104,8 @@ def for_expert_groups(device: torch.device, counts: List[int], work: Callable):
 
 
 def _storage_owners(t: torch.Tensor) -> int:
-    """Tensors and storages holding ``t``'s memory, ``t`` included (2 where unknown)."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)  # private: absent, never reuse
-    if use_count is None:
-        return 2
-    return use_count(t.untyped_storage()._cdata) - 1  # less the storage object just made
+    """Tensors and storages holding ``t``'s memory, ``t`` included."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1  # less the one just made
 
 
 def weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
@@ -123,7 +120,8 @@ def weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
     makes it the new ``.grad``. (On CUDA, torch's caching allocator already
     reuses memory.)
     """
-    if weight.device.type != "cpu" or not weight.is_leaf:
+    if (weight.device.type != "cpu" or not weight.is_leaf
+            or not hasattr(torch._C, "_storage_Use_Count")):  # private to torch: may go
         return torch.empty_like(weight)
     buffer = getattr(weight, "_fairseq_hash_grad", None)
     if (buffer is None or buffer.shape != weight.shape or buffer.dtype != weight.dtype
