@@ -2,6 +2,8 @@
 implementations that compute the same thing. No timing is asserted."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -80,11 +82,15 @@ def test_missing_learned_router_is_skipped_with_a_note(monkeypatch):
     assert "hash" in built and "switch" not in built and "switch" in notes["switch"]
 
 
-def test_train_mode_reports_words_per_second_for_dense_and_hash_with_each_optimizer(tmp_path):
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory):
     from fairseq_hash.cli.prepare import prepare
 
-    os.environ["PATH"] = os.path.dirname(os.sys.executable) + os.pathsep + os.environ["PATH"]
-    data_bin = prepare(str(tmp_path / "data"), max_lines=300)
+    return prepare(str(tmp_path_factory.mktemp("bench_data")), max_lines=300)
+
+
+def test_train_mode_reports_words_per_second_for_dense_and_hash_with_each_optimizer(
+        tmp_path, data_bin):
     path = tmp_path / "train.json"
     bench.run(["--train", "--experts", "2", "--tokens", "256", "--embed-dim", "16",
                "--ffn-dim", "32", "--layers", "2", "--updates", "3", "--warmup-updates", "1",
@@ -126,3 +132,16 @@ def test_bfloat16_layer_benchmark_runs_hash_and_notes_fairscales_float32_cast(tm
     impls = [r["impl"] for r in json.loads(path.read_text())]
     assert impls == ["dense", "hash"]  # fairscale casts its dispatch mask to float32
     assert "skipped fairscale" in caplog.text
+
+
+def test_train_phases_script_prints_each_phase_of_an_update(data_bin):
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "train_phases.py")
+    out = subprocess.run(
+        [sys.executable, script, data_bin, "--arch", "hash_transformer_lm", "--hash-experts", "2",
+         "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32",
+         "--decoder-attention-heads", "2", "--tokens-per-sample", "64", "--max-tokens", "256",
+         "--updates", "3", "--skip", "1"],
+        capture_output=True, text=True, check=True).stdout
+    assert "parameters; median ms:" in out
+    for phase in ("fwd+bwd", "optimizer", "clip", "zero_grad", "update"):
+        assert f"{phase} " in out
