@@ -16,14 +16,16 @@ def test_compare_writes_results_with_a_row_per_model(data_bin, tmp_path, capsys)
     code = compare.main(["--output-dir", str(out), "--preset", "tiny", "--data-bin", data_bin,
                          "--models", ",".join(models),
                          "--max-update", "4", "--validate-every", "2", "--warmup-updates", "2",
-                         "--tokens-per-sample", "32", "--max-tokens", "256"])
+                         "--tokens-per-sample", "32", "--max-tokens", "256",
+                         "--optimizer", "fused_adamw"])
     assert code == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["name"] for r in rows] == models
     for r in rows:
         assert r["ok"] and r["test_ppl"] > 1 and r["valid_ppl"] > 1, r
         assert [u for u, _ in r["curve"]] == [2, 4]
-        assert (out / "runs" / r["name"] / "train.log").exists()
+        train_log = (out / "runs" / r["name"] / "train.log").read_text()
+        assert "--optimizer fused_adamw" in train_log.splitlines()[0]  # the command it ran
         assert (out / "runs" / r["name"] / "eval_test.log").exists()
         assert r["valid_ppl"] is not None and r["valid_ppl"] > 1
     by = {r["name"]: r for r in rows}

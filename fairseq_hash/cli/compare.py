@@ -101,7 +101,7 @@ def train_command(cfg, data_bin, save_dir, model, k):
            "--share-decoder-input-output-embed",
            "--tokens-per-sample", str(cfg.tokens_per_sample), "--max-tokens", str(cfg.max_tokens),
            "--sample-break-mode", "none",
-           "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
+           "--optimizer", cfg.optimizer, "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
            "--lr", str(cfg.lr), "--lr-scheduler", "inverse_sqrt",
            "--warmup-updates", str(cfg.warmup_updates), "--warmup-init-lr", "1e-07",
            "--max-update", str(cfg.max_update), "--validate-interval-updates", str(cfg.validate_every),
@@ -372,6 +372,9 @@ def build_parser():
                    "(default 1.25)")
     p.add_argument("--aux-loss-weight", type=float, default=0.01,
                    help="weight of the switch and top2 load-balancing loss (default 0.01)")
+    p.add_argument("--optimizer", choices=["adam", "fused_adamw"], default="adam",
+                   help="fairseq optimizer of every run: adam, or fused_adamw, the same update "
+                   "in one fused pass, faster where experts hold most parameters (default adam)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each run's checkpoint_last.pt (deleted after evaluation otherwise)")
     for action in size._group_actions:

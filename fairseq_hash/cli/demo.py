@@ -68,7 +68,7 @@ def model_flags(args, arch):
 
 
 def train_flags(args, save_dir):
-    return ["--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", "0.002",
+    return ["--optimizer", args.optimizer, "--adam-betas", "(0.9, 0.98)", "--lr", "0.002",
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "100", "--clip-norm", "1.0",
             "--max-tokens", "2048", "--max-update", str(args.max_update),
             *(["--stop-time-hours", f"{args.minutes / 60:.4f}"] if args.minutes else []),
@@ -120,6 +120,9 @@ def main(argv=None):
     parser.add_argument("--vocab-size", type=int, default=2000,
                         help="sentencepiece vocabulary size (default 2000)")
     parser.add_argument("--seed", type=int, default=1, help="fairseq --seed (default 1)")
+    parser.add_argument("--optimizer", choices=["adam", "fused_adamw"], default="adam",
+                        help="fairseq optimizer: adam, or fused_adamw, the same update in one "
+                        "fused pass, faster where experts hold most parameters (default adam)")
     parser.add_argument("--samples", type=int, default=3, help="lines to sample (default 3, max 3)")
     parser.add_argument("--compare-dense", action="store_true",
                         help="also train the same model with no hash layer (fairseq's "
@@ -156,8 +159,9 @@ def main(argv=None):
             dense_args = argparse.Namespace(**{**vars(args), "minutes": 0,
                                                "max_update": int(updates[-1]) if updates else args.max_update})
             print(f"[3b] the same model without hash layers, {dense_args.max_update} updates", flush=True)
+            # fairseq's own model; --user-dir only for --optimizer fused_adamw
             dense_log = run_logged([os.path.join(bin_dir, "fairseq-train"), data_bin,
-                                    *model_flags(args, "transformer_lm"),
+                                    "--user-dir", user_dir(), *model_flags(args, "transformer_lm"),
                                     *train_flags(dense_args, os.path.join(out, "checkpoints_dense"))],
                                    os.path.join(out, "train_dense.log"), commands)
             dense_wps = mean_wps(dense_log)
