@@ -15,10 +15,6 @@ TINY = ["--tokens", "64", "--experts", "2", "4", "--embed-dim", "8", "--ffn-dim"
 CPU = torch.device("cpu")
 
 
-def learned_routers_present():
-    return [n for n in bench.LEARNED_ROUTERS if bench.find_router_class(n) is not None]
-
-
 def test_layer_benchmark_writes_a_json_row_per_implementation_and_size(tmp_path):
     path = tmp_path / "bench.json"
     bench.run(TINY + ["--json", str(path)])
@@ -27,7 +23,7 @@ def test_layer_benchmark_writes_a_json_row_per_implementation_and_size(tmp_path)
         assert {"impl", "experts", "tokens", "ms", "peak_mb"} <= set(row)
         assert row["ms"] > 0 and row["tokens"] == 64
         assert row["peak_mb"] is None or row["peak_mb"] >= 0
-    expected = {"dense", "floor", "hash", "naive", "fairscale"} | set(learned_routers_present())
+    expected = {"dense", "floor", "hash", "naive", "fairscale"} | set(bench.LEARNED_ROUTERS)
     for K in (2, 4):
         assert {r["impl"] for r in rows if r["experts"] == K} >= expected
 
@@ -76,8 +72,13 @@ def test_hash_activation_memory_does_not_grow_with_experts():
     assert saved[0] == saved[1] > 0
 
 
-def test_missing_learned_router_is_skipped_with_a_note(monkeypatch):
-    monkeypatch.setattr(bench, "find_router_class", lambda name: None)
+def test_a_router_that_cannot_be_built_is_skipped_with_a_note(monkeypatch):
+    from fairseq_hash import routers
+
+    def unavailable(name, *args):
+        raise LookupError(f"no {name} router here")
+
+    monkeypatch.setattr(routers, "build_learned_router", unavailable)
     built, notes = bench.build_case(["hash", "switch"], 32, 2, 8, 16, torch.float32, CPU)
     assert "hash" in built and "switch" not in built and "switch" in notes["switch"]
 
@@ -105,7 +106,7 @@ def test_train_mode_reports_words_per_second_for_dense_and_hash_with_each_optimi
         assert row["ms"] > 0 and row["wps"] > 0 and row["peak_mb"] > 0
 
 
-def test_learned_router_found_by_name_is_benchmarked(monkeypatch):
+def test_a_learned_router_is_benchmarked_with_gradients_reaching_its_gate(monkeypatch):
     from fairseq_hash import routers
 
     class SwitchRouter(torch.nn.Module):  # the shape a learned router is expected to have

@@ -23,8 +23,9 @@ weights) and measures its memory, for:
 - ``fairscale``: fairscale's ``MOELayer`` (one-hot ``einsum`` dispatch into
   ``[S, E, C]``) driven by the same hash, in a one-process gloo group, with the
   capacity C set to the busiest expert's load so that no token is dropped;
-- ``switch``, ``top2``, ``base``: the project's learned routers in front of
-  the same dispatch and experts, where ``fairseq_hash.routers`` has them.
+- ``switch``, ``top2``, ``base``: the project's learned routers
+  (``fairseq_hash.routers.build_learned_router``) in front of the same
+  dispatch and experts.
 
 ``hash``, ``naive`` and ``fairscale`` route identically and compute the same
 outputs. ``peak_mb`` is the memory allocated during one forward and backward
@@ -37,8 +38,8 @@ memory.
 Train mode (``--train``) runs ``fairseq-train`` on a small language-modelling
 data-bin (``--data-bin``, or one built by ``fairseq-hash-prepare`` in
 ``--work-dir``) for the same model with and without a hash layer (the last
-layer; one run per K), and with each learned router where the model has a
-``--router`` flag (``--impls`` chooses among them), with each ``--optimizer``
+layer; one run per K), and with each learned router (``--router``;
+``--impls`` chooses among them), with each ``--optimizer``
 (fairseq's ``adam``, this project's ``fused_adamw``), and reports fairseq's training words per second: the
 median over the timed updates of a run, then over ``--repeat`` rounds;
 ``x dense`` is the median over rounds of the ratio to the dense run of the
@@ -47,7 +48,6 @@ same round (runs of a round follow each other, in an order that rotates).
 import argparse
 import contextlib
 import gc
-import inspect
 import json
 import logging
 import os
@@ -156,43 +156,6 @@ def one_process_group(device: torch.device):
     return dist.group.WORLD
 
 
-def find_router_class(name: str):
-    """The learned router class ``name`` in fairseq_hash.routers, or None.
-
-    Looked up at run time, so that the benchmark runs with whichever routers
-    the installed project has: a registry dict if the module keeps one, else
-    a class whose name starts with ``name`` and ends with ``Router``.
-    """
-    from fairseq_hash import routers
-
-    for attr in ("ROUTER_REGISTRY", "ROUTERS"):
-        registry = getattr(routers, attr, None)
-        if isinstance(registry, dict) and name in registry:
-            return registry[name]
-    for attr, obj in sorted(vars(routers).items()):
-        low = attr.lower()
-        if (isinstance(obj, type) and issubclass(obj, nn.Module) and low.startswith(name)
-                and low.endswith("router")):
-            return obj
-    return None
-
-
-def build_learned_router(cls, embed_dim: int, num_experts: int):
-    """Build a router by its constructor's argument names (width, K; defaults else)."""
-    widths = {"embed_dim", "model_dim", "d_model", "input_dim", "dim", "hidden_dim"}
-    counts = {"num_experts", "experts", "n_experts", "num_local_experts"}
-    kwargs = {}
-    for pname, param in inspect.signature(cls).parameters.items():
-        if pname in widths:
-            kwargs[pname] = embed_dim
-        elif pname in counts:
-            kwargs[pname] = num_experts
-        elif param.default is inspect.Parameter.empty and param.kind not in (
-                param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            raise TypeError(f"{cls.__name__}: no value for its argument {pname!r}")
-    return cls(**kwargs)
-
-
 # ----------------------------------------------------------------------------
 # One benchmark case: S tokens, K experts, all implementations on equal inputs
 
@@ -231,6 +194,7 @@ def build_case(impls, tokens, experts, embed_dim, ffn_dim, dtype, device, seed=1
     """Impl objects for every name in ``impls`` that can run; notes for the rest."""
     from fairseq_hash.experts import ExpertFFN
     from fairseq_hash.hashing import RandomHash, RouteInputs
+    from fairseq_hash import routers
     from fairseq_hash.moe_layer import MoELayer
     from fairseq_hash.routers import HashRouter
 
@@ -290,10 +254,7 @@ def build_case(impls, tokens, experts, embed_dim, ffn_dim, dtype, device, seed=1
                 built[name] = Impl(name, [layer], [x], lambda layer=layer, x=x: (
                     [layer(x)], [grad_out.view(K, S // K, d)]))
             elif name in LEARNED_ROUTERS:
-                cls = find_router_class(name)
-                if cls is None:
-                    raise LookupError(f"fairseq_hash.routers has no {name} router yet")
-                router = build_learned_router(cls, d, K).to(device, dtype)
+                router = routers.build_learned_router(name, d, K).to(device, dtype)
                 torch.manual_seed(seed)
                 moe = MoELayer(router, ExpertFFN(K, d, f).to(device, dtype))
                 x = leaf(x0)
@@ -463,22 +424,6 @@ def print_layer_table(rows, out=sys.stdout):
 # Train mode: whole models through fairseq-train
 
 
-def model_has_field(name: str) -> bool:
-    """Whether hash_transformer_lm has the config field ``name`` (e.g. router)."""
-    import fairseq_hash  # noqa: F401  (registers the model)
-    from fairseq.models import MODEL_DATACLASS_REGISTRY
-
-    config = MODEL_DATACLASS_REGISTRY.get("hash_transformer_lm")
-    return config is not None and name in getattr(config, "__dataclass_fields__", {})
-
-
-def criterion_registered(name: str) -> bool:
-    import fairseq_hash  # noqa: F401
-    from fairseq.criterions import CRITERION_REGISTRY
-
-    return name in CRITERION_REGISTRY
-
-
 def train_models(experts: List[int], impls=LAYER_IMPLS):
     """(label, K, extra fairseq-train arguments) of each model to train; dense first."""
     models = [("dense", 0, ["--arch", "transformer_lm"])]
@@ -486,18 +431,13 @@ def train_models(experts: List[int], impls=LAYER_IMPLS):
         for K in experts:
             models.append(("hash", K, ["--arch", "hash_transformer_lm", "--hash-layer", "-1",
                                        "--hash-experts", str(K), "--hash-type", "balanced"]))
-    learned = [name for name in LEARNED_ROUTERS if name in impls]
-    skipped = []
-    if model_has_field("router"):
-        criterion = (["--criterion", "moe_cross_entropy"]
-                     if criterion_registered("moe_cross_entropy") else [])
-        for name in learned:
+    for name in LEARNED_ROUTERS:
+        if name in impls:
             for K in experts:
                 models.append((name, K, ["--arch", "hash_transformer_lm", "--hash-layer", "-1",
-                                         "--hash-experts", str(K), "--router", name] + criterion))
-    else:
-        skipped = learned
-    return models, skipped
+                                         "--hash-experts", str(K), "--router", name,
+                                         "--criterion", "moe_cross_entropy"]))
+    return models
 
 
 def fairseq_train_speed(data_bin, extra, args, device, log_path):
@@ -545,9 +485,7 @@ def run_train(args, device) -> List[dict]:
 
     os.makedirs(args.work_dir, exist_ok=True)
     data_bin = args.data_bin or prepare(os.path.join(args.work_dir, "data"))
-    models, skipped = train_models(args.experts, args.impls)
-    for name in skipped:
-        logger.warning(f"skipped train {name}: hash_transformer_lm has no --router flag yet")
+    models = train_models(args.experts, args.impls)
     runs = [(label, K, extra + ["--optimizer", optimizer], optimizer)
             for optimizer in args.optimizer for label, K, extra in models]
     results = {i: [] for i in range(len(runs))}
