@@ -63,7 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .tool_env import tool_env
+from .tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS, tool_env
 
 logger = logging.getLogger("fairseq_hash.bench")
 
@@ -553,10 +553,9 @@ def parse_args(argv=None):
     parser.add_argument("--impls", nargs="+", default=list(LAYER_IMPLS), choices=LAYER_IMPLS,
                         help="implementations to time (default: all); --train runs dense and "
                         "those of hash, switch, top2, base named here")
-    parser.add_argument("--optimizer", nargs="+", default=["adam"],
-                        choices=["adam", "fused_adamw"],
-                        help="--train: fairseq optimizers to train with, every model with each "
-                        "(default adam; fused_adamw is this project's one-pass Adam)")
+    parser.add_argument("--optimizer", nargs="+", default=["adam"], choices=TRAIN_OPTIMIZERS,
+                        help="--train: fairseq optimizers to train with, every model with each: "
+                        f"{OPTIMIZER_HELP} (default adam)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch intra-op threads for every implementation "
                         f"(default {torch.get_num_threads()}, torch's default here)")

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from .tool_env import tool_env
+from .tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS, tool_env
 
 logger = logging.getLogger("fairseq_hash.compare")
 
@@ -372,9 +372,8 @@ def build_parser():
                    "(default 1.25)")
     p.add_argument("--aux-loss-weight", type=float, default=0.01,
                    help="weight of the switch and top2 load-balancing loss (default 0.01)")
-    p.add_argument("--optimizer", choices=["adam", "fused_adamw"], default="adam",
-                   help="fairseq optimizer of every run: adam, or fused_adamw, the same update "
-                   "in one fused pass, faster where experts hold most parameters (default adam)")
+    p.add_argument("--optimizer", choices=TRAIN_OPTIMIZERS, default="adam",
+                   help=f"fairseq optimizer of every run: {OPTIMIZER_HELP} (default adam)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each run's checkpoint_last.pt (deleted after evaluation otherwise)")
     for action in size._group_actions:

@@ -20,7 +20,7 @@ import sys
 import time
 
 from .prepare import prepare
-from .tool_env import tool_env
+from .tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS, tool_env
 from .user_dir import user_dir
 
 PROMPTS = ["Return the", "This module provides", "If the"]
@@ -120,9 +120,8 @@ def main(argv=None):
     parser.add_argument("--vocab-size", type=int, default=2000,
                         help="sentencepiece vocabulary size (default 2000)")
     parser.add_argument("--seed", type=int, default=1, help="fairseq --seed (default 1)")
-    parser.add_argument("--optimizer", choices=["adam", "fused_adamw"], default="adam",
-                        help="fairseq optimizer: adam, or fused_adamw, the same update in one "
-                        "fused pass, faster where experts hold most parameters (default adam)")
+    parser.add_argument("--optimizer", choices=TRAIN_OPTIMIZERS, default="adam",
+                        help=f"fairseq optimizer: {OPTIMIZER_HELP} (default adam)")
     parser.add_argument("--samples", type=int, default=3, help="lines to sample (default 3, max 3)")
     parser.add_argument("--compare-dense", action="store_true",
                         help="also train the same model with no hash layer (fairseq's "

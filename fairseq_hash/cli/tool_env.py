@@ -1,6 +1,11 @@
-"""The environment in which our commands start fairseq's command-line tools."""
+"""How our commands start fairseq's command-line tools: the environment, the optimizers."""
 import os
 import sys
+
+# the --optimizer values our commands offer fairseq-train: fairseq's own, and ours
+TRAIN_OPTIMIZERS = ("adam", "fused_adamw")
+OPTIMIZER_HELP = ("adam, or fused_adamw, the same update in one fused pass, faster where "
+                  "experts hold most parameters")
 
 
 def tool_env(**overrides: str) -> dict:
