@@ -350,22 +350,38 @@ def dropout_inactive(module: nn.Module) -> bool:
 class ExpertFFN(nn.Module):
     """K position-wise FFNs ``fc2(dropout(act(fc1(x))))`` stored stacked.
 
+    Under expert parallelism a rank holds shard ``shard`` of ``num_shards``:
+    the experts ``[first_expert, first_expert + num_experts)`` of
+    ``total_experts``. Expert e's initial weights come from a generator of its
+    own, seeded by ``seed`` and its global id alone, so a model starts the same
+    on any number of ranks and leaves torch's global random state alone. A
+    state dict may hold all experts (a checkpoint written on any number of
+    ranks): loading keeps this rank's rows.
+
     Args:
-        num_experts (int): K, the number of experts held by this module
+        num_experts (int): K, the experts of the layer (all shards together)
         embed_dim (int): d, the model width
         ffn_dim (int): f, the hidden width of every expert (the dense FFN's)
         activation_fn (callable): the activation between fc1 and fc2
         activation_dropout (nn.Module): dropout on the activations
+        seed (int): seed of the initial weights
+        shard, num_shards (int): which of the equal parts of the K experts this holds
     """
 
     def __init__(self, num_experts, embed_dim, ffn_dim, activation_fn=F.relu,
-                 activation_dropout=None):
+                 activation_dropout=None, seed=0, shard=0, num_shards=1):
         super().__init__()
-        self.num_experts = num_experts
-        self.fc1_weight = nn.Parameter(torch.empty(num_experts, ffn_dim, embed_dim))
-        self.fc1_bias = nn.Parameter(torch.empty(num_experts, ffn_dim))
-        self.fc2_weight = nn.Parameter(torch.empty(num_experts, embed_dim, ffn_dim))
-        self.fc2_bias = nn.Parameter(torch.empty(num_experts, embed_dim))
+        if num_experts % num_shards:
+            raise ValueError(f"{num_experts} experts do not split into {num_shards} shards")
+        self.total_experts = num_experts
+        self.num_experts = num_experts // num_shards  # held here
+        self.first_expert = shard * self.num_experts
+        self.seed = seed
+        L = self.num_experts
+        self.fc1_weight = nn.Parameter(torch.empty(L, ffn_dim, embed_dim))
+        self.fc1_bias = nn.Parameter(torch.empty(L, ffn_dim))
+        self.fc2_weight = nn.Parameter(torch.empty(L, embed_dim, ffn_dim))
+        self.fc2_bias = nn.Parameter(torch.empty(L, embed_dim))
         self.activation_fn = activation_fn
         self.activation_dropout = activation_dropout or nn.Identity()
         for p in self.parameters():
@@ -373,13 +389,27 @@ class ExpertFFN(nn.Module):
             p.expert = True
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self):
         # each expert starts like a fresh nn.Linear, as fairseq's dense FFN does
-        for weight, bias in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
-            bound = 1.0 / math.sqrt(weight.size(-1))
-            for e in range(self.num_experts):
-                nn.init.kaiming_uniform_(weight.data[e], a=math.sqrt(5))
-            nn.init.uniform_(bias, -bound, bound)
+        for e in range(self.fc1_weight.size(0)):
+            gen = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + self.first_expert + e) % 2**63)
+            for weight, bias in ((self.fc1_weight, self.fc1_bias),
+                                 (self.fc2_weight, self.fc2_bias)):
+                bound = 1.0 / math.sqrt(weight.size(-1))
+                weight[e].copy_(nn.init.kaiming_uniform_(
+                    torch.empty(weight.shape[1:]), a=math.sqrt(5), generator=gen))
+                bias[e].copy_(torch.empty(bias.shape[1:]).uniform_(-bound, bound, generator=gen))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        held, first = self.fc1_weight.size(0), self.first_expert
+        if held != self.total_experts:  # a shard: keep this rank's rows
+            for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
+                value = state_dict.get(prefix + name)
+                if value is not None and value.size(0) == self.total_experts:
+                    state_dict[prefix + name] = value[first:first + held]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def load_dense(self, fc1: nn.Linear, fc2: nn.Linear, expert=None):

@@ -43,14 +43,24 @@ class MoELayer(nn.Module):
         experts (ExpertFFN): the K expert FFNs
     """
 
-    def __init__(self, router: nn.Module, experts: ExpertFFN):
+    def __init__(self, router: nn.Module, experts: ExpertFFN, exchange=None):
         super().__init__()
         self.router = router
         self.experts = experts
-        self.route_inputs = None  # set by the model before each forward
+        # expert parallelism: sends tokens to the ranks of their experts and back
+        # (expert_parallel.AllToAllExchange); None on one process
+        self.exchange = exchange
+        self.parallel_size = getattr(getattr(exchange, "layout", None), "parallel_size", 1)
+        self.route_inputs = None  # set by the model around each forward
+        self.planned_counts = None  # [P, E] of every rank, where the model gathered them
         self.aux_loss = None  # of the last forward, read by the criterion
         self.last_indices = None  # of the last forward, read by routing reports
         self.num_dropped = 0
+
+    @property
+    def num_experts(self) -> int:
+        """Experts the router chooses among (all ranks' together)."""
+        return self.experts.num_experts * self.parallel_size
 
     def forward(self, x: torch.Tensor, route: RouteInputs = None) -> torch.Tensor:
         route = route if route is not None else self.route_inputs
@@ -58,11 +68,21 @@ class MoELayer(nn.Module):
         x = x.reshape(-1, shape[-1])  # [S, d]
         out = self.router(x, route)
         indices = out.indices  # [S, k]
-        S, k = indices.shape
-        weights = out.weights
         if out.dropped is not None:
             # a dropped slot is computed nowhere: route it past the last expert
-            indices = indices.masked_fill(out.dropped, self.experts.num_experts)
+            indices = indices.masked_fill(out.dropped, self.num_experts)
+        if self.exchange is not None:
+            y, dropped = self.exchange(x, indices, out.weights, self.experts, self.planned_counts)
+        else:
+            y, dropped = self.dispatch(x, indices, out.weights)
+        self.aux_loss = out.aux_loss
+        self.last_indices = out.indices.detach()
+        self.num_dropped = dropped
+        return y.view(shape)
+
+    def dispatch(self, x, indices, weights):
+        """On one process: sort (token, slot) pairs by expert, compute, combine."""
+        S, k = indices.shape
         flat = indices.reshape(-1)  # [S*k]
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs in expert order
         counts = torch.bincount(flat, minlength=self.experts.num_experts + 1)
@@ -74,14 +94,9 @@ class MoELayer(nn.Module):
             h = self.experts(Permute.apply(x, order, inverse), counts)  # [S, d] by expert
             if weights is not None:
                 h = h * weights.reshape(-1)[order].unsqueeze(-1).to(h.dtype)
-            y = Permute.apply(h, inverse, order)  # back to token order
-        else:
-            token_of = order[:kept] // k if k > 1 else order[:kept]
-            h = self.experts(x.index_select(0, token_of), counts)  # [S*k kept, d]
-            if weights is not None:
-                h = h * weights.reshape(-1)[order[:kept]].unsqueeze(-1).to(h.dtype)
-            y = h.new_zeros(S, shape[-1]).index_add_(0, token_of, h)
-        self.aux_loss = out.aux_loss
-        self.last_indices = out.indices.detach()
-        self.num_dropped = S * k - kept
-        return y.view(shape)
+            return Permute.apply(h, inverse, order), 0  # back to token order
+        token_of = order[:kept] // k if k > 1 else order[:kept]
+        h = self.experts(x.index_select(0, token_of), counts)  # [S*k kept, d]
+        if weights is not None:
+            h = h * weights.reshape(-1)[order[:kept]].unsqueeze(-1).to(h.dtype)
+        return h.new_zeros(S, x.size(1)).index_add_(0, token_of, h), S * k - kept

@@ -57,14 +57,9 @@ class SegmentedExpertFFN(ExpertFFN):
     def __init__(self, num_experts, embed_dim, ffn_dim, num_segments, **kwargs):
         check_hash_count(num_segments, ffn_dim)
         super().__init__(num_experts, embed_dim, ffn_dim, **kwargs)
-        self.num_ffns = num_experts
+        self.num_ffns = self.num_experts  # held here
         self.num_segments = num_segments
-        self.num_experts = num_experts * num_segments
-
-    def reset_parameters(self):
-        self.num_experts = self.num_ffns = getattr(self, "num_ffns", self.num_experts)
-        super().reset_parameters()
-        self.num_experts = self.num_ffns * getattr(self, "num_segments", 1)
+        self.num_experts = self.num_ffns * num_segments
 
     def forward(self, x, counts):
         # x: [S, d] sorted by narrow expert; counts: K*N ints

@@ -11,6 +11,7 @@ hands it to its MoE layers. In incremental decoding fairseq still passes the
 whole prefix, so the previous token and the position of the last step come
 from the prefix itself and routing equals a full forward pass.
 """
+import functools
 import logging
 import os
 from typing import List
@@ -18,9 +19,13 @@ from typing import List
 import torch
 import torch.nn as nn
 from fairseq.models.transformer import TransformerDecoder
+from omegaconf import OmegaConf
 
 from ..errors import HashConfigError
 from ..experts import ExpertFFN
+from ..expert_parallel import (AllToAllExchange, check_ddp_backend, expert_layout,
+                               gather_counts, sync_expert_gradients)
+from ..fairscale_dispatch import FairscaleExchange
 from ..hashing import (RouteInputs, build_hash_function, dictionary_fingerprint,
                        expected_load, token_counts)
 from ..moe_layer import MoELayer
@@ -103,27 +108,96 @@ def build_hash_router(args, dictionary, layer_idx: int, count: int) -> HashRoute
     return router_cls(hash_fn, table, args.hash_experts, fingerprint)
 
 
+def ddp_backend_of(args):
+    """fairseq's --ddp-backend, wherever this kind of model config keeps it."""
+    backend = getattr(args, "ddp_backend", None)  # argparse-style models see every flag
+    if backend is None and OmegaConf.is_config(args) and args._get_parent() is not None:
+        # a dataclass model's config is one node of fairseq's whole config
+        backend = OmegaConf.select(args._get_parent(), "distributed_training.ddp_backend")
+    return backend
+
+
+def build_exchange(args, layout, experts):
+    """How tokens reach experts on other ranks (None on one process or P = 1)."""
+    if layout is None or layout.parallel_size == 1:
+        return None
+    dispatch = getattr(args, "moe_dispatch", "alltoall")
+    if dispatch == "fairscale":
+        return FairscaleExchange(layout, experts)
+    if dispatch != "alltoall":
+        raise HashConfigError(f"--moe-dispatch {dispatch!r} is unknown; valid: alltoall, fairscale")
+    return AllToAllExchange(layout)
+
+
 def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: int) -> MoELayer:
     learned = getattr(args, "router", "hash") != "hash"
     count = getattr(args, "hash_count", 1)
     check_hash_count(count, ffn_dim)
     if learned and count > 1:
         raise HashConfigError(f"--hash-count {count} needs --router hash (MultiHash is a hash router)")
+    layout = expert_layout(args.hash_experts, getattr(args, "moe_expert_parallel_size", 0))
+    if layout is not None:
+        check_ddp_backend(ddp_backend_of(args))
+        if getattr(args, "router", "hash") == "base" and layout.parallel_size > 1:
+            raise HashConfigError(
+                "--router base solves one assignment over one process's tokens; with "
+                "experts on several ranks use --router hash, switch or top2, or "
+                "--moe-expert-parallel-size 1 (every expert on every rank)")
     if not learned:
         router = build_hash_router(args, dictionary, layer_idx, count)
-    # Experts and learned routers draw from their own generator, seeded by --seed:
-    # the shared weights and fairseq's random stream (dropout) stay exactly those
-    # of transformer_lm, and the experts start equal whatever the router.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(torch.initial_seed() + 7919 * (layer_idx + 1))
-        if count == 1:
-            experts = ExpertFFN(args.hash_experts, embed_dim, ffn_dim)
-        else:
-            experts = SegmentedExpertFFN(args.hash_experts, embed_dim, ffn_dim, count)
-        if learned:
+    # Experts and learned routers draw from generators of their own, seeded by
+    # --seed (fairseq's torch seed) and the layer: the shared weights and
+    # fairseq's random stream (dropout) stay exactly those of transformer_lm.
+    seed = torch.initial_seed() + 7919 * (layer_idx + 1)
+    shard = dict(shard=layout.shard, num_shards=layout.parallel_size) if layout else {}
+    if count == 1:
+        experts = ExpertFFN(args.hash_experts, embed_dim, ffn_dim, seed=seed, **shard)
+    else:
+        experts = SegmentedExpertFFN(args.hash_experts, embed_dim, ffn_dim, count, seed=seed,
+                                     **shard)
+    if learned:
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only, restored after
+            torch.default_generator.manual_seed(seed)
             router = build_learned_router(args.router, embed_dim, args.hash_experts,
                                           getattr(args, "capacity_factor", 1.25))
-    return MoELayer(router, experts)
+    if layout is not None:
+        sync_expert_gradients(list(experts.parameters()), layout)
+    return MoELayer(router, experts, build_exchange(args, layout, experts))
+
+
+def pass_route_through(layer: nn.Module, moe: MoELayer):
+    """Hand the routing of the current forward pass to ``moe`` as a call argument.
+
+    The decoder leaves the route in ``moe.next_route`` before its layers run.
+    This wrapper reads it when fairseq calls the layer and passes it on as an
+    argument, which the layer's MoE sees for the duration of the call. Under
+    ``--checkpoint-activations`` fairseq's checkpoint wrapper re-runs the layer
+    in the backward pass, after the decoder has moved on: it replays the
+    arguments it was given, so the recomputation routes as the forward did,
+    even when several forwards run before one backward.
+    """
+    checkpointed = layer.forward
+    plain = getattr(layer, "precheckpoint_forward", None) or checkpointed
+
+    def routed(*args, _hash_route=(None, None), **kwargs):
+        moe.route_inputs, moe.planned_counts = _hash_route
+        try:
+            return plain(*args, **kwargs)
+        finally:
+            moe.route_inputs = moe.planned_counts = None
+
+    if plain is not checkpointed:
+        # fairseq's checkpoint_wrapper: partial(_checkpointed_forward, forward, offload)
+        call = functools.partial(checkpointed.func, routed, *checkpointed.args[1:],
+                                 **checkpointed.keywords)
+    else:
+        call = routed
+
+    def forward(*args, **kwargs):
+        return call(*args, _hash_route=moe.next_route, **kwargs)
+
+    moe.next_route = (None, None)
+    layer.forward = forward
 
 
 def log_expected_load(moe_layers, dictionary):
@@ -171,6 +245,7 @@ class HashTransformerDecoder(TransformerDecoder):
             layer = self.layers[idx]
             moe = build_hash_moe(args, dictionary, idx, layer.embed_dim, layer.fc1.out_features)
             replace_ffn(layer, moe)
+            pass_route_through(layer, moe)
             self.moe_layers[idx] = moe
         log_expected_load(self.moe_layers, dictionary)
 
@@ -178,8 +253,8 @@ class HashTransformerDecoder(TransformerDecoder):
         super().upgrade_state_dict_named(state_dict, name)
         for idx, moe in self.moe_layers.items():
             key = f"{name}.layers.{idx}.fc1.experts.fc1_weight"
-            # MultiHash dispatches to K*N narrow experts but stores K FFNs
-            num_ffns = getattr(moe.experts, "num_ffns", moe.experts.num_experts)
+            # all K FFNs of the layer, whichever share of them this rank holds
+            num_ffns = moe.experts.total_experts
             if key in state_dict and state_dict[key].size(0) != num_ffns:
                 raise HashConfigError(
                     f"the checkpoint has {state_dict[key].size(0)} experts in hash layer {idx} "
@@ -206,15 +281,34 @@ class HashTransformerDecoder(TransformerDecoder):
         )
         return route.last() if incremental_state is not None else route
 
+    def plan_exchanges(self, route: RouteInputs):
+        """Every expert-parallel hash layer's counts of all ranks, in one collective.
+
+        A hash layer's routing depends on token ids alone, so the exchange
+        sizes of all of them are known before the first layer runs.
+        """
+        planned = {idx: moe for idx, moe in self.moe_layers.items()
+                   if moe.exchange is not None and isinstance(moe.router, HashRouter)}
+        if not planned:
+            return {}
+        counts = torch.stack([
+            torch.bincount(moe.router(None, route).indices.reshape(-1),
+                           minlength=moe.num_experts)
+            for moe in planned.values()])  # [layers, E]
+        layout = next(iter(planned.values())).exchange.layout
+        everyone = gather_counts(counts, layout)  # [P, layers, E]
+        return {idx: everyone[:, i] for i, idx in enumerate(planned)}
+
     def extract_features(self, prev_output_tokens, encoder_out=None, incremental_state=None,
                          **kwargs):
         route = self.route_inputs(prev_output_tokens, incremental_state)
-        for moe in self.moe_layers.values():
-            moe.route_inputs = route
+        plans = self.plan_exchanges(route)
+        for idx, moe in self.moe_layers.items():
+            moe.next_route = (route, plans.get(idx))
         try:
             return super().extract_features(
                 prev_output_tokens, encoder_out, incremental_state, **kwargs
             )
         finally:
             for moe in self.moe_layers.values():
-                moe.route_inputs = None
+                moe.next_route = (None, None)

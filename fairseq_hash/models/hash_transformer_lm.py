@@ -19,6 +19,7 @@ from fairseq.models import transformer_lm as fairseq_lm
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 
 from ..hashing import HASH_REGISTRY
+from ..distributed_checkpoints import prepare_expert_parallel
 from .hash_decoder import HashTransformerDecoder
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,23 @@ class HashLayerConfig(FairseqDataclass):
             "--hash-experts and the data"
         },
     )
+    moe_expert_parallel_size: int = field(
+        default=0,
+        metadata={
+            "help": "expert parallelism on several ranks: spread each hash layer's "
+            "experts over groups of P ranks, K/P experts a rank, the W/P groups being "
+            "data-parallel replicas (default 0: P = W when W divides K, else P = K when "
+            "K divides W; 1: every expert on every rank)"
+        },
+    )
+    moe_dispatch: str = field(
+        default="alltoall",
+        metadata={
+            "help": "how tokens reach experts on other ranks: alltoall (sorted by expert, "
+            "padded to the step's largest count, fairscale's all-to-all) or fairscale "
+            "(fairscale's MOELayer with dense dispatch masks, for comparison)"
+        },
+    )
 
 
 @dataclass
@@ -109,6 +127,7 @@ class HashTransformerLanguageModel(TransformerLanguageModel):
     def build_model(cls, args, task):
         model = super().build_model(args, task)
         model.decoder = HashTransformerDecoder.adopt(model.decoder, args, task.target_dictionary)
+        prepare_expert_parallel(model)
         shared, expert = count_parameters(model)
         logger.info(
             f"hash_transformer_lm: {shared:,} shared and {expert:,} expert parameters "

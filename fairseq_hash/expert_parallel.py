@@ -1,0 +1,197 @@
+"""Expert parallelism: a hash layer's K experts spread over the ranks of a group.
+
+    layout = expert_layout(num_experts=16, parallel_size=None)   # None on one process
+    exchange = AllToAllExchange(layout)
+    y = exchange(x, indices, weights, experts)   # experts hold this rank's K/P experts
+
+The W ranks of fairseq's data-parallel world are cut into W/P *expert groups*
+of P consecutive ranks. Rank ``j`` of a group holds the experts
+``[j*K/P, (j+1)*K/P)``; the W/P groups are data-parallel replicas of each
+other, and the ranks holding the same shard (one in each group) form its
+*replica group*. Global expert ``e`` lives on rank ``e // (K/P)`` of every
+expert group, in slot ``e % (K/P)``.
+
+Tokens travel to their expert's rank and back through fairscale's MoE
+all-to-all (``fairscale.nn.moe.moe_layer._AllToAll``), which splits its input
+evenly: every rank sends ``P`` blocks of ``C`` rows, ``C`` the largest count
+any rank sends any other in this step, learned from one all-gather of the
+per-expert counts. Nothing is dropped and no one-hot ``[S, K, C]`` mask is
+built: rows are placed by index. Hash layers know their counts from the token
+ids before the layer runs, so the decoder gathers every hash layer's counts in
+one collective per forward pass (:func:`gather_counts` on stacked counts).
+
+Gradients: an expert's gradient sums the contributions of every token routed
+to it anywhere in the global batch. Within a group the all-to-all's backward
+brings them to the expert's rank; across groups :func:`sync_expert_gradients`
+all-reduces each expert shard over its replica group as autograd produces it
+(so gradient accumulation over ``--update-freq`` stays exact) and divides by
+W, matching fairseq's averaging of shared gradients, which it multiplies back
+by W before dividing by the sample size.
+"""
+import functools
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.moe.moe_layer import _AllToAll
+
+from .errors import HashConfigError
+
+# fairseq's --ddp-backend values that leave ``param.expert`` parameters to us:
+# legacy_ddp skips them; PyTorch's DDP is told to ignore them (see below)
+EXPERT_SAFE_BACKENDS = ("pytorch_ddp", "c10d", "legacy_ddp", "no_c10d")
+
+
+@dataclass
+class ExpertLayout:
+    world_size: int  # W
+    rank: int
+    parallel_size: int  # P, ranks in an expert group
+    group: Optional[object]  # this rank's expert group (None when P = 1)
+    replica_group: Optional[object]  # ranks holding the same shard (None when W = P)
+
+    @property
+    def shard(self) -> int:
+        """This rank's position in its expert group: it holds shard ``shard`` of P."""
+        return self.rank % self.parallel_size
+
+
+def default_parallel_size(num_experts: int, world_size: int) -> int:
+    """P = W when W divides K (K/W experts a rank); P = K when K divides W."""
+    if num_experts % world_size == 0:
+        return world_size
+    if world_size % num_experts == 0:
+        return num_experts
+    raise HashConfigError(
+        f"--hash-experts {num_experts} and a world of {world_size} ranks: neither divides "
+        f"the other; set --moe-expert-parallel-size P to a P that divides both"
+    )
+
+
+def check_parallel_size(num_experts: int, world_size: int, parallel_size: int):
+    if parallel_size < 1 or num_experts % parallel_size or world_size % parallel_size:
+        raise HashConfigError(
+            f"--moe-expert-parallel-size {parallel_size} must divide both --hash-experts "
+            f"{num_experts} and the world size {world_size}"
+        )
+
+
+@functools.lru_cache(maxsize=None)
+def _groups(world_size: int, parallel_size: int):
+    """Every expert group and replica group, created in the same order on all ranks
+    (``new_group`` is collective); cached so all hash layers share them."""
+    expert_groups = [dist.new_group(list(range(g, g + parallel_size)))
+                     for g in range(0, world_size, parallel_size)]
+    replica_groups = [dist.new_group(list(range(j, world_size, parallel_size)))
+                      for j in range(parallel_size)]
+    return expert_groups, replica_groups
+
+
+def expert_layout(num_experts: int, parallel_size: int = 0) -> Optional[ExpertLayout]:
+    """The layout for this process, or None on one process (nothing to spread)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if parallel_size and parallel_size > 1:
+            raise HashConfigError(
+                f"--moe-expert-parallel-size {parallel_size} needs {parallel_size} or more "
+                f"ranks; this is one process"
+            )
+        return None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if parallel_size:
+        check_parallel_size(num_experts, world, parallel_size)
+    else:
+        parallel_size = default_parallel_size(num_experts, world)
+    expert_groups, replica_groups = _groups(world, parallel_size)
+    return ExpertLayout(
+        world_size=world, rank=rank, parallel_size=parallel_size,
+        group=expert_groups[rank // parallel_size] if parallel_size > 1 else None,
+        replica_group=(replica_groups[rank % parallel_size]
+                       if world > parallel_size else None),
+    )
+
+
+def check_ddp_backend(backend: Optional[str]):
+    if backend is not None and backend not in EXPERT_SAFE_BACKENDS:
+        raise HashConfigError(
+            f"--ddp-backend {backend} cannot keep hash-layer experts correct on several "
+            f"ranks; use --ddp-backend legacy_ddp (CPU or GPU) or pytorch_ddp (GPU)"
+        )
+
+
+def sync_expert_gradients(params: List[torch.nn.Parameter], layout: ExpertLayout):
+    """Make each expert shard's gradient the global batch's sum, over W.
+
+    A hook on the parameter sees the gradient of one backward before autograd
+    accumulates it into ``.grad``; reducing there keeps accumulation over
+    several backwards (``--update-freq``) exact. Every rank runs the same
+    hooks in the same order, so the collectives match.
+    """
+    world, group = layout.world_size, layout.replica_group
+
+    def hook(grad):
+        grad = grad / world
+        if group is not None:
+            dist.all_reduce(grad, group=group)
+        return grad
+
+    for p in params:
+        p.register_hook(hook)
+
+
+def gather_counts(counts: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """``[..., E]`` counts of this rank -> ``[P, ..., E]`` of every rank in the group."""
+    out = [torch.empty_like(counts) for _ in range(layout.parallel_size)]
+    dist.all_gather(out, counts.contiguous(), group=layout.group)
+    return torch.stack(out)
+
+
+def _segment_rows(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Concatenated ``arange(s, s + n)`` for every (start, length) pair."""
+    total = int(lengths.sum())
+    offsets = lengths.cumsum(0) - lengths
+    return (torch.arange(total, device=starts.device)
+            + torch.repeat_interleave(starts - offsets, lengths, output_size=total))
+
+
+class AllToAllExchange:
+    """Dropless dispatch of sorted tokens to their experts' ranks and back."""
+
+    def __init__(self, layout: ExpertLayout):
+        self.layout = layout
+
+    def __call__(self, x, indices, weights, experts, all_counts=None):
+        # x: [S, d]; indices: [S, k] global ids in [0, E), E = P * local experts;
+        # a dropped slot carries id E and goes nowhere
+        P, me, L = self.layout.parallel_size, self.layout.shard, experts.num_experts
+        E = P * L
+        S, k = indices.shape
+        flat = indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # sorted by expert, so by rank
+        counts = torch.bincount(flat, minlength=E + 1)[:E]
+        if all_counts is None:
+            all_counts = gather_counts(counts, self.layout)  # [P, E]
+        pair = all_counts.view(P, P, L).sum(-1)  # [src, dst] rows
+        capacity = int(pair.max())
+        send = pair[me]  # [P] rows this rank sends each rank
+        kept = int(send.sum())
+        # slot of each sorted row in the send buffer [P * C]: block of its rank
+        dest = torch.repeat_interleave(torch.arange(P, device=x.device), send, output_size=kept)
+        start = send.cumsum(0) - send
+        slot = dest * capacity + torch.arange(kept, device=x.device) - start[dest]
+        token_of = order[:kept] // k
+        x_sorted = x.index_select(0, token_of)  # [kept, d]
+        buffer = x.new_zeros(P * capacity, x.size(1)).index_copy(0, slot, x_sorted)
+        received = _AllToAll.apply(self.layout.group, buffer)  # [P * C, d], block s from s
+        # received rows in expert-major order: for each local expert, each source
+        recv = all_counts[:, me * L:(me + 1) * L]  # [src, local expert]
+        starts = (torch.arange(P, device=x.device) * capacity).unsqueeze(1) \
+            + recv.cumsum(1) - recv
+        rows = _segment_rows(starts.t().reshape(-1), recv.t().reshape(-1))  # [R]
+        h = experts(received.index_select(0, rows), recv.sum(0).tolist())  # [R, d]
+        back = h.new_zeros(P * capacity, h.size(1)).index_copy(0, rows, h)
+        returned = _AllToAll.apply(self.layout.group, back)  # [P * C, d] in send layout
+        h = returned.index_select(0, slot)  # [kept, d], this rank's sorted rows
+        if weights is not None:
+            h = h * weights.reshape(-1)[order[:kept]].unsqueeze(-1).to(h.dtype)
+        return h.new_zeros(S, h.size(1)).index_add(0, token_of, h), S * k - kept

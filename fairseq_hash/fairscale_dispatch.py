@@ -1,0 +1,94 @@
+"""``--moe-dispatch fairscale``: fairscale's own ``MOELayer``, driven by the router's choice.
+
+    exchange = FairscaleExchange(layout, experts)
+    y, dropped = exchange(x, indices, weights, experts)
+
+fairscale's ``MOELayer`` (GShard's algorithm) asks its gate for dense
+``[S, E, C]`` dispatch and combine tensors, moves ``einsum``-dispatched
+``[E, C, d]`` blocks through its all-to-all, and runs each local expert on
+its ``[P, C, d]`` rows. Here the "gate" is the router's decision already made
+(a hash, or a learned router), and the capacity C is the largest count any
+rank sends any expert in this step (one all-reduce), so nothing is dropped.
+It is offered to compare against the default index-based exchange
+(:class:`~fairseq_hash.expert_parallel.AllToAllExchange`); the outputs and
+gradients are equal, and the dense masks cost memory and time that grow with
+E and C (BENCHMARKS.md).
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from fairscale.nn.moe import MOELayer
+
+
+class DecidedGate(nn.Module):
+    """fairscale's gate contract, ``x -> (l_aux, combine [S,E,C], dispatch [S,E,C])``,
+    for routing decided beforehand (``decide`` is called before each forward)."""
+
+    def __init__(self, num_experts: int, group):
+        super().__init__()
+        self.num_experts, self.group = num_experts, group
+        self.indices = self.weights = None
+
+    def decide(self, indices, weights):
+        self.indices, self.weights = indices, weights  # [S', k]
+
+    def forward(self, x):
+        indices, (S, k), E = self.indices, self.indices.shape, self.num_experts
+        flat = indices.reshape(-1)  # [S*k]; dropped slots carry E
+        counts = torch.bincount(flat, minlength=E + 1)[:E]
+        capacity = counts.max().clone()
+        dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.group)  # equal splits
+        capacity = max(int(capacity), 1)
+        # rank of each slot among the slots of its expert, in token order
+        order = torch.argsort(flat, stable=True)
+        rank = torch.empty_like(flat)
+        rank[order] = torch.arange(flat.numel()) - (counts.cumsum(0) - counts)[
+            flat[order].clamp(max=E - 1)]
+        kept = flat < E
+        token = torch.arange(S).repeat_interleave(k)
+        dispatch = torch.zeros(S, E, capacity, dtype=x.dtype, device=x.device)
+        dispatch[token[kept], flat[kept], rank[kept]] = 1
+        weight = (self.weights.reshape(-1) if self.weights is not None
+                  else torch.ones(S * k, dtype=x.dtype, device=x.device))
+        combine = torch.zeros_like(dispatch)
+        combine[token[kept], flat[kept], rank[kept]] = weight[kept].to(x.dtype)
+        return x.new_zeros(()), combine, dispatch.bool()
+
+
+class LocalExpert(nn.Module):
+    """Local expert ``slot`` of an ExpertFFN, as fairscale's MOELayer calls experts:
+    ``[P, 1, C, d] -> [P, 1, C, d]``. The FFN is held outside the module tree, so
+    its parameters appear once in the state dict (under the MoE layer)."""
+
+    def __init__(self, experts, slot: int):
+        super().__init__()
+        self.__dict__["ffn"] = experts
+        self.slot = slot
+
+    def forward(self, chunk):
+        rows = chunk.reshape(-1, chunk.size(-1))
+        counts = [0] * self.ffn.num_experts
+        counts[self.slot] = rows.size(0)
+        return self.ffn(rows, counts).view(chunk.shape)
+
+
+class FairscaleExchange:
+    def __init__(self, layout, experts):
+        E = layout.parallel_size * experts.num_experts
+        self.gate = DecidedGate(E, layout.group)
+        self.moe = MOELayer(self.gate, nn.ModuleList(
+            [LocalExpert(experts, slot) for slot in range(experts.num_experts)]), layout.group)
+
+    def __call__(self, x, indices, weights, experts, all_counts=None):
+        S, L = x.size(0), experts.num_experts
+        pad = (-S) % L  # MOELayer asks for a multiple of the local experts
+        if pad:  # padding rows are dispatched nowhere
+            x = torch.cat([x, x.new_zeros(pad, x.size(1))])
+            indices = torch.cat([indices, indices.new_full((pad, indices.size(1)),
+                                                           self.gate.num_experts)])
+            if weights is not None:
+                weights = torch.cat([weights, weights.new_zeros(pad, weights.size(1))])
+        self.gate.decide(indices, weights)
+        y = self.moe(x.unsqueeze(1)).squeeze(1)  # [S', 1, d]: MOELayer wants 3 dims
+        dropped = int((indices[:S] >= self.gate.num_experts).sum())
+        return y[:S], dropped

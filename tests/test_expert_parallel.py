@@ -1,0 +1,194 @@
+"""Expert parallelism on 2 CPU processes (gloo): the model one process would train."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL, TINY_TRAIN, json_logs, run, tool, user_dir
+from test_bad_input import error_line
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# every update clipped: the norm must be the same on one and on two ranks
+EXACT = ["--clip-norm", "0.5", "--log-interval", "1"]
+TWO_RANKS = ["--distributed-world-size", "2", "--distributed-backend", "gloo",
+             "--ddp-backend", "legacy_ddp", "--distributed-no-spawn"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env():
+    return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+
+
+def train_on_two_ranks(data_bin, save_dir, *extra, check=True):
+    """fairseq-train as two gloo ranks launched by hand (DESIGN.md); rank 0's output."""
+    args = [tool("fairseq-train"), data_bin, "--user-dir", user_dir(), *TINY_MODEL, *TINY_TRAIN,
+            *EXACT, "--save-dir", save_dir, *TWO_RANKS,
+            "--distributed-init-method", f"tcp://127.0.0.1:{free_port()}", *extra]
+    other = subprocess.Popen(args + ["--distributed-rank", "1"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=env())
+    first = run(args + ["--distributed-rank", "0"], check=False)
+    _, other_err = other.communicate(timeout=600)
+    if check:
+        assert first.returncode == 0 and other.returncode == 0, first.stderr[-4000:] + other_err[-2000:]
+    return first
+
+
+def train_on_one_rank(data_bin, save_dir, *extra):
+    return run([tool("fairseq-train"), data_bin, "--user-dir", user_dir(), *TINY_MODEL,
+                *TINY_TRAIN, *EXACT, "--save-dir", save_dir, "--update-freq", "2", *extra])
+
+
+def losses(proc):
+    return [(int(r["num_updates"]), r["loss"]) for r in json_logs(proc.stdout + proc.stderr,
+                                                                  "train_inner")]
+
+
+def assert_same_weights(a, b, rel=1e-5):
+    a, b = torch.load(a)["model"], torch.load(b)["model"]
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert value.shape == b[key].shape, key
+        if value.is_floating_point():
+            scale = value.abs().max().clamp(min=1e-3)
+            assert float((value - b[key]).abs().max() / scale) < rel, key
+
+
+@pytest.fixture(scope="module")
+def one_rank(data_bin, tmp_path_factory):
+    """Three epochs on one process, two batches an update; a checkpoint each epoch."""
+    save = str(tmp_path_factory.mktemp("one_rank"))
+    proc = train_on_one_rank(data_bin, save, "--max-epoch", "3", "--keep-last-epochs", "3")
+    return save, losses(proc)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(data_bin, tmp_path_factory):
+    """The first epoch on two ranks, one batch each, two experts a rank."""
+    save = str(tmp_path_factory.mktemp("two_ranks"))
+    return save, losses(train_on_two_ranks(data_bin, save, "--max-epoch", "1"))
+
+
+def test_two_ranks_train_the_model_one_rank_trains_with_update_freq_2(one_rank, two_ranks):
+    (one, one_losses), (two, two_losses) = one_rank, two_ranks
+    assert len(two_losses) >= 5
+    assert two_losses == one_losses[:len(two_losses)]
+    # the file holds all 4 experts of each layer, gathered from both ranks
+    assert torch.load(os.path.join(two, "checkpoint_last.pt"))["model"][
+        "decoder.layers.0.fc1.experts.fc1_weight"].size(0) == 4
+    assert_same_weights(os.path.join(one, "checkpoint1.pt"),
+                        os.path.join(two, "checkpoint_last.pt"))
+
+
+def eval_lm(data_bin, path):
+    proc = run([tool("fairseq-eval-lm"), data_bin, "--user-dir", user_dir(), "--path", path,
+                "--cpu", "--tokens-per-sample", "32", "--max-tokens", "512", "--gen-subset",
+                "valid", "--num-workers", "0"])
+    line = [l for l in (proc.stdout + proc.stderr).splitlines() if "Perplexity" in l][-1]
+    return float(line.rsplit("Perplexity:", 1)[1])
+
+
+def test_the_two_rank_checkpoint_evaluates_in_one_process_as_the_one_rank_model(
+        data_bin, one_rank, two_ranks):
+    one = eval_lm(data_bin, os.path.join(one_rank[0], "checkpoint1.pt"))
+    two = eval_lm(data_bin, os.path.join(two_ranks[0], "checkpoint_last.pt"))
+    assert two == pytest.approx(one, rel=1e-5)
+
+
+def test_resuming_2_to_1_then_1_to_2_continues_as_an_uninterrupted_run(
+        data_bin, one_rank, two_ranks, tmp_path):
+    save = str(tmp_path / "resumed")
+    shutil.copytree(two_ranks[0], save)  # epoch 1 on two ranks
+    second = losses(train_on_one_rank(data_bin, save, "--max-epoch", "2"))
+    third = losses(train_on_two_ranks(data_bin, save, "--max-epoch", "3"))
+    uninterrupted = dict(one_rank[1])
+    assert second and third
+    assert all(uninterrupted[update] == loss for update, loss in second + third)
+    assert third[-1][0] == max(uninterrupted)
+    assert_same_weights(os.path.join(one_rank[0], "checkpoint_last.pt"),
+                        os.path.join(save, "checkpoint_last.pt"), rel=1e-4)
+
+
+def run_workers(case, tmp_path):
+    port, out = free_port(), str(tmp_path / case)
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "ep_worker.py"), str(rank), "2",
+                               str(port), case, out], env=env(), stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    return [torch.load(f"{out}.{rank}.pt") for rank in range(2)]
+
+
+def single_process_reference(router, ranks):
+    """The same layer on one process, over both ranks' tokens."""
+    from fairseq.data import Dictionary
+
+    from ep_worker import layer_args
+    from fairseq_hash.hashing import RouteInputs
+    from fairseq_hash.models.hash_decoder import build_hash_moe
+
+    dictionary = Dictionary()
+    for i in range(30):
+        dictionary.add_symbol(f"w{i}")
+    torch.manual_seed(0)
+    moe = build_hash_moe(layer_args(router, "alltoall", 0), dictionary, 0, 8, 16)
+    moe.load_state_dict({f"router.{k}": v for k, v in ranks[0]["router"].items()}, strict=False)
+    moe.eval()
+    x = torch.cat([r["x"] for r in ranks]).requires_grad_()
+    tokens = torch.cat([r["tokens"] for r in ranks], dim=1)
+    route = RouteInputs.from_tokens(tokens, dictionary.pad(), dictionary.eos())
+    y = moe(x.unsqueeze(1), route).squeeze(1)
+    (y * torch.arange(1.0, 9.0)).sum().backward()
+    # what the workers applied: 0.1 x (the global batch's gradient, over W = 2)
+    updated = {k: (p - 0.1 * p.grad / 2).detach() for k, p in moe.experts.named_parameters()}
+    return y.detach(), x.grad, updated
+
+
+@pytest.mark.parametrize("case, router", [("hash", "hash"), ("top2", "top2"),
+                                          ("fairscale", "hash"), ("fairscale-top2", "top2")])
+def test_the_exchange_and_its_backward_equal_one_process(case, router, tmp_path):
+    ranks = run_workers(case, tmp_path)
+    y, x_grad, updated = single_process_reference(router, ranks)
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y)
+    torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), x_grad)
+    assert [r["first"] for r in ranks] == [0, 2]  # two experts a rank
+    for name, value in updated.items():
+        torch.testing.assert_close(torch.cat([r["experts"][name] for r in ranks]), value)
+
+
+def test_expert_replicas_stay_bit_identical_and_learn_from_both_ranks(tmp_path):
+    ranks = run_workers("replicas", tmp_path)  # P = 1: all 4 experts on both ranks
+    assert ranks[0]["first"] == ranks[1]["first"] == 0
+    for name, value in ranks[0]["experts"].items():
+        assert torch.equal(value, ranks[1]["experts"][name]), name
+
+
+def test_replicas_on_two_ranks_train_the_one_rank_model(data_bin, one_rank, tmp_path):
+    save = str(tmp_path / "replicas")
+    two = losses(train_on_two_ranks(data_bin, save, "--max-epoch", "1",
+                                    "--moe-expert-parallel-size", "1"))
+    assert two == one_rank[1][:len(two)]
+    assert_same_weights(os.path.join(one_rank[0], "checkpoint1.pt"),
+                        os.path.join(save, "checkpoint_last.pt"))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--moe-expert-parallel-size", "3"], "--moe-expert-parallel-size 3 must divide both"),
+    (["--hash-experts", "3"], "--hash-experts 3 and a world of 2 ranks"),
+    (["--ddp-backend", "slowmo"], "--ddp-backend slowmo cannot keep hash-layer experts"),
+])
+def test_bad_layouts_and_backends_give_one_line_and_write_nothing(data_bin, tmp_path, flags,
+                                                                   expected):
+    save = str(tmp_path / "never")
+    proc = train_on_two_ranks(data_bin, save, "--max-update", "2", *flags, check=False)
+    assert expected in error_line(proc)
+    assert not os.path.exists(save) or not os.listdir(save)
