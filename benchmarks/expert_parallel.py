@@ -1,0 +1,174 @@
+"""Expert parallelism on 2 CPU processes: the layer, and whole-model training.
+
+    python benchmarks/expert_parallel.py layer [--experts 16] [--tokens 4096] [--json F]
+    python benchmarks/expert_parallel.py train --data-bin DIR [--experts 16] [--json F]
+
+``layer`` times one hash layer's forward and backward (d=512, f=2048), each
+of 2 gloo ranks holding K/2 experts and its own S tokens, with the default
+exchange (``alltoall``) and with fairscale's ``MOELayer`` (``fairscale``),
+against the same layer on one process over the same 2S tokens with all K
+experts. It prints the time per step and the rows and bytes each rank sends
+per step (forward and backward, both directions).
+
+``train`` runs ``fairseq-train`` on 2 gloo ranks (launched by hand, as
+README.md shows): the hash LM expert-parallel, and the dense ``transformer_lm``
+data-parallel on the same global batch, and prints fairseq's words/s of each.
+On N GPUs, the same comparison is ``fairseq-train ... --distributed-world-size
+N`` with and without ``--arch hash_transformer_lm`` (BENCHMARKS.md).
+"""
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def layer_worker(rank, world, port, experts, tokens, dispatch, repeat, out):
+    import torch.distributed as dist
+    from fairseq_hash.expert_parallel import AllToAllExchange, expert_layout
+    from fairseq_hash.experts import ExpertFFN
+    from fairseq_hash.fairscale_dispatch import FairscaleExchange
+    from fairseq_hash.moe_layer import MoELayer
+    from fairseq_hash.routers import RouterOutput
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x, route):
+            return RouterOutput(indices=self.indices)
+
+    torch.set_num_threads(1)  # one core a rank, as the two ranks share 2 cores
+    d, f = 512, 2048
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)
+        layout = expert_layout(experts)
+        ffn = ExpertFFN(experts, d, f, shard=layout.shard, num_shards=layout.parallel_size)
+        exchange = (FairscaleExchange(layout, ffn) if dispatch == "fairscale"
+                    else AllToAllExchange(layout))
+    else:
+        ffn, exchange = ExpertFFN(experts, d, f), None
+    router = Fixed()
+    moe = MoELayer(router, ffn, exchange)
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(tokens, d, generator=gen, requires_grad=True)
+    router.indices = torch.randint(experts, (tokens, 1), generator=gen)
+    times, sent = [], 0
+    for step in range(repeat + 1):
+        start = time.perf_counter()
+        moe(x).sum().backward()
+        if step:
+            times.append(time.perf_counter() - start)
+    if world > 1:
+        counts = torch.bincount(router.indices.view(-1), minlength=experts)
+        everyone = [torch.empty_like(counts) for _ in range(world)]
+        dist.all_gather(everyone, counts)
+        pair = torch.stack(everyone).view(world, world, -1).sum(-1)
+        capacity = int(pair.max())  # rows of each block of the padded exchange
+        sent = 4 * world * capacity  # forward there and back, and the same in backward
+        dist.destroy_process_group()
+    with open(f"{out}.{rank}", "w") as fh:
+        json.dump({"seconds": sorted(times)[len(times) // 2], "rows_sent": sent}, fh)
+
+
+def run_layer(args):
+    rows = []
+    for name, world, tokens in (("1 process, all experts", 1, 2 * args.tokens),
+                                ("2 ranks, alltoall", 2, args.tokens),
+                                ("2 ranks, fairscale MOELayer", 2, args.tokens)):
+        port, out = free_port(), f"/tmp/ep-bench-{os.getpid()}"
+        dispatch = "fairscale" if "fairscale" in name else "alltoall"
+        procs = [subprocess.Popen([sys.executable, __file__, "_layer", str(r), str(world),
+                                   str(port), str(args.experts), str(tokens), dispatch,
+                                   str(args.repeat), out]) for r in range(world)]
+        for p in procs:
+            if p.wait():
+                raise SystemExit(f"expert_parallel.py: the {name} worker failed")
+        result = [json.load(open(f"{out}.{r}")) for r in range(world)]
+        seconds = max(r["seconds"] for r in result)
+        rows.append({"setting": name, "experts": args.experts, "tokens_per_step": 2 * args.tokens,
+                     "ms": 1000 * seconds, "rows_sent_per_rank": result[0]["rows_sent"],
+                     "mb_sent_per_rank": result[0]["rows_sent"] * 512 * 4 / 2**20})
+    print(f"| setting | K | tokens a step | fwd+bwd ms | rows sent a rank | MB sent a rank |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['setting']} | {r['experts']} | {r['tokens_per_step']} | {r['ms']:.1f} | "
+              f"{r['rows_sent_per_rank']} | {r['mb_sent_per_rank']:.1f} |")
+    return rows
+
+
+def fairseq_words_per_second(args, arch_flags, port):
+    base = [args.data_bin, "--task", "language_modeling", "--user-dir",
+            os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "fairseq_hash"),
+            "--decoder-layers", "4", "--decoder-embed-dim", "256",
+            "--decoder-ffn-embed-dim", "1024", "--decoder-attention-heads", "4",
+            "--tokens-per-sample", "128", "--max-tokens", str(args.max_tokens),
+            "--optimizer", "adam", "--lr", "0.0005", "--max-update", str(args.updates),
+            "--cpu", "--num-workers", "0", "--log-format", "json", "--log-interval", "2",
+            "--no-save", "--disable-validation", "--distributed-world-size", "2",
+            "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp",
+            "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
+            *arch_flags]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    tool = os.path.join(os.path.dirname(sys.executable), "fairseq-train")
+    other = subprocess.Popen([tool, *base, "--distributed-rank", "1"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.run([tool, *base, "--distributed-rank", "0"], env=env,
+                           capture_output=True, text=True)
+    other.wait()
+    wps = [float(json.loads(line[line.index("{"):])["wps"])
+           for line in (first.stdout + first.stderr).splitlines()
+           if "| train_inner |" in line]
+    if not wps:
+        raise SystemExit(f"expert_parallel.py: fairseq-train failed:\n{first.stderr[-2000:]}")
+    return sum(wps[1:]) / max(len(wps) - 1, 1)  # the first interval includes start-up
+
+
+def run_train(args):
+    hash_flags = ["--arch", "hash_transformer_lm", "--hash-layer", "-1",
+                  "--hash-experts", str(args.experts)]
+    rows = [{"model": "dense, data-parallel", "wps": fairseq_words_per_second(
+                args, ["--arch", "transformer_lm"], free_port())},
+            {"model": f"hash K={args.experts}, expert-parallel", "wps": fairseq_words_per_second(
+                args, hash_flags, free_port())}]
+    print("| model (2 gloo ranks) | words/s | vs dense |")
+    print("|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} | {r['wps']:.0f} | {r['wps'] / rows[0]['wps']:.2f}x |")
+    return rows
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "_layer":
+        a = sys.argv[2:]
+        return layer_worker(int(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]), a[5],
+                            int(a[6]), a[7])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=["layer", "train"])
+    parser.add_argument("--experts", type=int, default=16, help="K (default 16)")
+    parser.add_argument("--tokens", type=int, default=4096, help="layer: tokens a rank")
+    parser.add_argument("--repeat", type=int, default=5, help="layer: timed steps (median)")
+    parser.add_argument("--data-bin", help="train: a language-modelling data-bin folder")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="train: tokens a rank")
+    parser.add_argument("--updates", type=int, default=16, help="train: updates a run")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    if args.mode == "train" and not args.data_bin:
+        parser.error("train needs --data-bin")
+    rows = run_layer(args) if args.mode == "layer" else run_train(args)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
