@@ -2,6 +2,10 @@
 
     python benchmarks/expert_parallel.py layer [--experts 16] [--tokens 4096] [--json F]
     python benchmarks/expert_parallel.py train --data-bin DIR [--experts 16] [--json F]
+    python benchmarks/expert_parallel.py counts [--layers 4]
+
+``counts`` times what the decoder does before its layers run (one all-gather
+of every hash layer's per-expert counts) against one all-gather a layer.
 
 ``layer`` times one hash layer's forward and backward (d=512, f=2048), each
 of 2 gloo ranks holding K/2 experts and its own S tokens, with the default
@@ -79,6 +83,42 @@ def layer_worker(rank, world, port, experts, tokens, dispatch, repeat, out):
         json.dump({"seconds": sorted(times)[len(times) // 2], "rows_sent": sent}, fh)
 
 
+def counts_worker(rank, port, experts, layers, repeat, out):
+    """Time gathering every hash layer's counts at once against once per layer."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    counts = torch.zeros(layers, experts, dtype=torch.long)
+    result = {}
+    for name, parts in (("one gather for all layers", [counts]),
+                        ("one gather a layer", list(counts))):
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            for part in parts:
+                everyone = [torch.empty_like(part) for _ in range(2)]
+                dist.all_gather(everyone, part)
+        result[name] = 1e6 * (time.perf_counter() - start) / repeat
+    dist.destroy_process_group()
+    with open(f"{out}.{rank}", "w") as fh:
+        json.dump(result, fh)
+
+
+def run_counts(args):
+    port, out = free_port(), f"/tmp/ep-counts-{os.getpid()}"
+    procs = [subprocess.Popen([sys.executable, __file__, "_counts", str(r), str(port),
+                               str(args.experts), str(args.layers), "200", out])
+             for r in range(2)]
+    if any(p.wait() for p in procs):
+        raise SystemExit("expert_parallel.py: a counts worker failed")
+    result = json.load(open(f"{out}.0"))
+    print(f"| exchange sizes of {args.layers} hash layers, K={args.experts} | us a forward |")
+    print("|---|---:|")
+    for name, us in result.items():
+        print(f"| {name} | {us:.0f} |")
+    return [{"setting": k, "us": v, "layers": args.layers} for k, v in result.items()]
+
+
 def run_layer(args):
     rows = []
     for name, world, tokens in (("1 process, all experts", 1, 2 * args.tokens),
@@ -148,12 +188,16 @@ def run_train(args):
 
 
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "_counts":
+        a = sys.argv[2:]
+        return counts_worker(int(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]), a[5])
     if len(sys.argv) > 1 and sys.argv[1] == "_layer":
         a = sys.argv[2:]
         return layer_worker(int(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]), a[5],
                             int(a[6]), a[7])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["layer", "train"])
+    parser.add_argument("mode", choices=["layer", "train", "counts"])
+    parser.add_argument("--layers", type=int, default=4, help="counts: hash layers")
     parser.add_argument("--experts", type=int, default=16, help="K (default 16)")
     parser.add_argument("--tokens", type=int, default=4096, help="layer: tokens a rank")
     parser.add_argument("--repeat", type=int, default=5, help="layer: timed steps (median)")
@@ -164,7 +208,7 @@ def main():
     args = parser.parse_args()
     if args.mode == "train" and not args.data_bin:
         parser.error("train needs --data-bin")
-    rows = run_layer(args) if args.mode == "layer" else run_train(args)
+    rows = {"layer": run_layer, "train": run_train, "counts": run_counts}[args.mode](args)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
