@@ -160,16 +160,25 @@ def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _of_expert(t: torch.Tensor, e: int, dims: int) -> torch.Tensor:
+    """Expert e's matrix (``dims=2``) or bias (``dims=1``) in a stack ``[K, ...]``,
+    or in ``[K, N, ...]``: N segments of each of K experts, expert e being
+    segment ``e % N`` of ``e // N`` (MultiHash, where no flat ``[K*N, ...]``
+    view of the segments exists)."""
+    return t[e] if t.dim() == dims + 1 else t[e // t.size(1), e % t.size(1)]
+
+
 class GroupedLinear(torch.autograd.Function):
     """``y[rows of e] = x[rows of e] @ weight[e].T + bias[e]`` for every expert e."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, counts):
-        # x: [S, in], weight: [K, out, in], bias: [K, out] -> y: [S, out]
+        # x: [S, in], weight: [K, out, in] (or [K, N, out, in]), bias: [K, out]
+        # (or [K, N, out]) -> y: [S, out]
         ctx.save_for_backward(x, weight)
         ctx.counts = counts
         ctx.kept = kept = sum(counts)
-        ctx.grouped = _use_grouped_mm(x, weight) and kept == x.size(0)
+        ctx.grouped = _use_grouped_mm(x, weight) and weight.dim() == 3 and kept == x.size(0)
         if ctx.grouped:
             ctx.offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
             ctx.rows = torch.repeat_interleave(
@@ -178,11 +187,12 @@ class GroupedLinear(torch.autograd.Function):
             )  # [S] expert of each row
             y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=ctx.offsets)
             return y.add_(bias.index_select(0, ctx.rows))
-        y = x.new_empty(x.size(0), weight.size(1))
+        y = x.new_empty(x.size(0), weight.size(-2))
 
         def work(bounds):
             for e, lo, hi in bounds:
-                torch.addmm(bias[e], x[lo:hi], weight[e].t(), out=y[lo:hi])
+                torch.addmm(_of_expert(bias, e, 1), x[lo:hi], _of_expert(weight, e, 2).t(),
+                            out=y[lo:hi])
 
         for_expert_groups(x.device, counts, work)
         if kept < x.size(0):
@@ -209,24 +219,25 @@ class GroupedLinear(torch.autograd.Function):
         grad_x = x.new_empty(x.shape) if need_x else None
         # empty, not zeros: a memset of [K, out, in] costs as much as a small
         # expert's product; only experts that received no token are zeroed
+        # (a view's gradient keeps the view's strides: empty_like preserves them)
         grad_w = weight_grad_buffer(weight) if need_w else None
-        grad_b = weight.new_empty(weight.size(0), weight.size(1)) if need_b else None
+        grad_b = weight.new_empty(weight.shape[:-1]) if need_b else None
         for e, count in enumerate(ctx.counts):
             if count == 0:
                 if grad_w is not None:
-                    grad_w[e].zero_()
+                    _of_expert(grad_w, e, 2).zero_()
                 if grad_b is not None:
-                    grad_b[e].zero_()
+                    _of_expert(grad_b, e, 1).zero_()
 
         def work(bounds):
             for e, lo, hi in bounds:
                 g = grad_y[lo:hi]
                 if grad_x is not None:
-                    torch.mm(g, weight[e], out=grad_x[lo:hi])
+                    torch.mm(g, _of_expert(weight, e, 2), out=grad_x[lo:hi])
                 if grad_w is not None:
-                    torch.mm(g.t(), x[lo:hi], out=grad_w[e])
+                    torch.mm(g.t(), x[lo:hi], out=_of_expert(grad_w, e, 2))
                 if grad_b is not None:
-                    torch.sum(g, dim=0, out=grad_b[e])
+                    torch.sum(g, dim=0, out=_of_expert(grad_b, e, 1))
 
         for_expert_groups(x.device, ctx.counts, work)
         if grad_x is not None and ctx.kept < x.size(0):
@@ -413,8 +424,8 @@ class ExpertFFN(nn.Module):
 
     @torch.no_grad()
     def load_dense(self, fc1: nn.Linear, fc2: nn.Linear, expert=None):
-        """Copy a dense FFN's weights into one expert (or all of them)."""
-        experts = range(self.num_experts) if expert is None else [expert]
+        """Copy a dense FFN's weights into one expert FFN (or all of them)."""
+        experts = range(self.fc1_weight.size(0)) if expert is None else [expert]
         for e in experts:
             self.fc1_weight[e].copy_(fc1.weight)
             self.fc1_bias[e].copy_(fc1.bias)
