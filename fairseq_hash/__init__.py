@@ -9,8 +9,10 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"fairscale\.")
 logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
 
 from . import safe_globals  # noqa: E402,F401  (before fairseq loads any checkpoint)
-from .errors import install_excepthook  # noqa: E402
+from .errors import install_excepthook, running_as_command  # noqa: E402
 # registers the hash functions, models, criterion and optimizer
 from . import criterions, hashing, models, optim  # noqa: E402,F401
 
-install_excepthook()
+# only fairseq's tools and ours: importing the plugin leaves a program's own hook
+if running_as_command():
+    install_excepthook()

@@ -3,13 +3,68 @@
 fairseq's command-line tools print a full traceback for any exception. For
 mistakes in *input* (a flag out of range, a table built for another
 dictionary) a user needs the one line that says what is wrong, so errors of
-this type are printed alone by :func:`install_excepthook`.
+this type are printed alone by :func:`install_excepthook`. Every other
+exception keeps its traceback, even one raised while ours was being handled:
+that is a bug, not bad input.
+
+The hook is a process-wide setting, so it is installed only where this
+package runs as a command (:func:`running_as_command`), never by a Python
+program that imports it.
 """
+import os
 import sys
+from typing import Optional
 
 
 class HashConfigError(ValueError):
     """Bad input: names the flag or file at fault and what would be valid."""
+
+
+def _replaced_by_fairseqs_trainer(exc: BaseException) -> bool:
+    """Whether ``exc`` is the plain Exception fairseq's ``Trainer.load_checkpoint``
+    raises in place of any error of ``load_state_dict``: it does so inside its
+    ``except`` block without ``from``, so the original is only its ``__context__``."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code if tb is not None else None
+    return (type(exc) is Exception and code is not None and code.co_name == "load_checkpoint"
+            and code.co_filename.endswith(os.path.join("fairseq", "trainer.py")))
+
+
+def config_error(exc: BaseException) -> Optional[HashConfigError]:
+    """Our error behind ``exc``: ``exc`` itself, its explicit cause (``raise ...
+    from``), or the one fairseq's trainer replaced; None for anything else."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, HashConfigError):
+            return exc
+        seen.add(id(exc))
+        if exc.__cause__ is not None:
+            exc = exc.__cause__
+        elif _replaced_by_fairseqs_trainer(exc):
+            exc = exc.__context__
+        else:
+            return None
+    return None
+
+
+def running_as_command() -> bool:
+    """Whether this process is one of fairseq's command-line tools or ours.
+
+    Console scripts (``fairseq-train``, ``fairseq-eval-lm``, ...,
+    ``fairseq-hash-demo``) run with ``sys.argv[0]`` set to the script's path,
+    whose name starts with ``fairseq-``; ``python -m fairseq_cli.train`` (or
+    ``-m fairseq_hash.cli.demo``) runs with that module as ``__main__``. A
+    Python program, notebook or test runner that imports the plugin is
+    neither. fairseq's tools import the plugin through ``--user-dir`` while
+    parsing flags, before any model is built, so the hook is in place for
+    every error of ours.
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name.split(".")[0] in ("fairseq_cli", "fairseq_hash"):
+        return True
+    return bool(sys.argv) and os.path.basename(sys.argv[0]).startswith("fairseq-")
 
 
 def install_excepthook():
@@ -18,13 +73,9 @@ def install_excepthook():
         return
 
     def hook(exc_type, exc, tb):
-        # fairseq's trainer re-raises load errors as a plain Exception whose
-        # cause is ours; the cause is what the user needs to read
-        cause = exc
-        while cause is not None and not isinstance(cause, HashConfigError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            print(f"fairseq-hash: error: {cause}", file=sys.stderr)
+        ours = config_error(exc)
+        if ours is not None:
+            print(f"fairseq-hash: error: {ours}", file=sys.stderr)
         else:
             previous(exc_type, exc, tb)
 

@@ -35,7 +35,8 @@ in autocast's dtype, like ``nn.Linear``, and gradients reach the fp32 weights.
 """
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Callable, List, Optional
@@ -53,40 +54,64 @@ def _bounds(counts: List[int]):
         start += count
 
 
-_POOL = None  # (size, ThreadPoolExecutor) of the expert groups
+_POOL = None  # (threads, ThreadPoolExecutor) running the expert groups
+_WORKER = threading.local()  # .threads: the intra-op threads a pool worker was given
 
 
 def expert_threads() -> int:
-    """Workers for experts on CPU: $FAIRSEQ_HASH_EXPERT_THREADS, else torch's threads."""
+    """Threads for experts on CPU: $FAIRSEQ_HASH_EXPERT_THREADS, else torch's threads."""
     return int(os.environ.get("FAIRSEQ_HASH_EXPERT_THREADS", 0)) or torch.get_num_threads()
 
 
-def _pool(size: int) -> ThreadPoolExecutor:
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One worker a thread, made once: remade only if the thread count changes,
+    never with the number of experts that received tokens (every decoding step)."""
     global _POOL
-    if _POOL is None or _POOL[0] != size:
+    if _POOL is None or _POOL[0] != threads:
         if _POOL is not None:
             _POOL[1].shutdown(wait=False)
-        # each worker computes single-threaded; the workers are the parallelism
-        _POOL = (size, ThreadPoolExecutor(size, thread_name_prefix="fairseq-hash-experts",
-                                          initializer=torch.set_num_threads, initargs=(1,)))
+        # torch sets a thread's intra-op count from the process's on the
+        # thread's first parallel op; done here, it cannot undo a share later
+        _POOL = (threads, ThreadPoolExecutor(threads, thread_name_prefix="fairseq-hash-experts",
+                                             initializer=torch.get_num_threads))
     return _POOL[1]
+
+
+def _run_group(work: Callable, group, share: int, changed: list):
+    """``work(group)`` in a pool worker, with ``share`` intra-op threads.
+
+    torch's intra-op thread count is per thread with its OpenMP backend (the
+    default on Linux, macOS and Windows): ``torch.set_num_threads`` sets the
+    calling thread's OpenMP and MKL counts, which only this worker reads. It
+    also sets the count that threads started later take up, so the caller
+    gives the process's count back (``changed``) once the groups are done.
+    """
+    if getattr(_WORKER, "threads", None) != share:
+        changed.append(share)
+        torch.set_num_threads(share)
+        _WORKER.threads = share
+    with torch.no_grad():  # grad mode is per thread; these are out= products
+        work(group)
 
 
 def for_expert_groups(device: torch.device, counts: List[int], work: Callable):
     """Call ``work(bounds)`` on groups of experts covering all rows.
 
-    On CPU the experts are split into as many groups of about equal rows as
-    there are threads, and the groups run at once, each single-threaded. An
-    expert's products are small (S/K rows); run one after another, each with
-    all threads, every product ends in a barrier where all threads wait for
-    the slowest, and on a shared machine that is one descheduled thread: K=64
-    ran 5.8x slower that way than in groups on 2 busy cores (BENCHMARKS.md).
-    Elsewhere, and for one group, ``work`` runs here on all experts.
+    On CPU the experts are split into groups of about equal rows, at most one
+    a thread, and the groups run at once, each with its share of the threads
+    (with 2 threads and 16 experts: 2 groups of 1 thread; with 32 threads and
+    4 experts: 4 groups of 8). An expert's products are small (S/K rows); run
+    one after another, each with all threads, every product ends in a barrier
+    where all threads wait for the slowest, and on a shared machine that is
+    one descheduled thread: K=64 ran 5.8x slower that way than in groups on 2
+    busy cores (BENCHMARKS.md). Elsewhere, and for one group, ``work`` runs
+    here on all experts.
     """
     bounds = list(_bounds(counts))
     if not bounds:
         return
-    workers = min(expert_threads(), len(bounds)) if device.type == "cpu" else 1
+    threads = expert_threads() if device.type == "cpu" else 1
+    workers = min(threads, len(bounds))
     if workers <= 1:
         work(bounds)
         return
@@ -94,13 +119,16 @@ def for_expert_groups(device: torch.device, counts: List[int], work: Callable):
     groups = [[] for _ in range(workers)]
     for e, lo, hi in bounds:  # contiguous runs of experts, split at equal rows
         groups[min(workers - 1, (lo + hi) * workers // (2 * total))].append((e, lo, hi))
-
-    def run(group):
-        with torch.no_grad():  # grad mode is per thread; these are out= products
-            work(group)
-
-    for future in [_pool(workers).submit(run, g) for g in groups if g]:
-        future.result()
+    groups = [g for g in groups if g]
+    shares = [threads // len(groups) + (i < threads % len(groups)) for i in range(len(groups))]
+    changed = []
+    futures = [_pool(threads).submit(_run_group, work, g, share, changed)
+               for g, share in zip(groups, shares)]
+    wait(futures)
+    if changed:
+        torch.set_num_threads(torch.get_num_threads())  # this thread's count is the process's
+    for future in futures:
+        future.result()  # a worker's error is raised here
 
 
 def _storage_owners(t: torch.Tensor) -> int:
@@ -160,16 +188,25 @@ def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _of_expert(t: torch.Tensor, e: int, dims: int) -> torch.Tensor:
+    """Expert e's matrix (``dims=2``) or bias (``dims=1``) in a stack ``[K, ...]``,
+    or in ``[K, N, ...]``: N segments of each of K experts, expert e being
+    segment ``e % N`` of ``e // N`` (MultiHash, where no flat ``[K*N, ...]``
+    view of the segments exists)."""
+    return t[e] if t.dim() == dims + 1 else t[e // t.size(1), e % t.size(1)]
+
+
 class GroupedLinear(torch.autograd.Function):
     """``y[rows of e] = x[rows of e] @ weight[e].T + bias[e]`` for every expert e."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, counts):
-        # x: [S, in], weight: [K, out, in], bias: [K, out] -> y: [S, out]
+        # x: [S, in], weight: [K, out, in] (or [K, N, out, in]), bias: [K, out]
+        # (or [K, N, out]) -> y: [S, out]
         ctx.save_for_backward(x, weight)
         ctx.counts = counts
         ctx.kept = kept = sum(counts)
-        ctx.grouped = _use_grouped_mm(x, weight) and kept == x.size(0)
+        ctx.grouped = _use_grouped_mm(x, weight) and weight.dim() == 3 and kept == x.size(0)
         if ctx.grouped:
             ctx.offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
             ctx.rows = torch.repeat_interleave(
@@ -178,11 +215,12 @@ class GroupedLinear(torch.autograd.Function):
             )  # [S] expert of each row
             y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=ctx.offsets)
             return y.add_(bias.index_select(0, ctx.rows))
-        y = x.new_empty(x.size(0), weight.size(1))
+        y = x.new_empty(x.size(0), weight.size(-2))
 
         def work(bounds):
             for e, lo, hi in bounds:
-                torch.addmm(bias[e], x[lo:hi], weight[e].t(), out=y[lo:hi])
+                torch.addmm(_of_expert(bias, e, 1), x[lo:hi], _of_expert(weight, e, 2).t(),
+                            out=y[lo:hi])
 
         for_expert_groups(x.device, counts, work)
         if kept < x.size(0):
@@ -209,24 +247,25 @@ class GroupedLinear(torch.autograd.Function):
         grad_x = x.new_empty(x.shape) if need_x else None
         # empty, not zeros: a memset of [K, out, in] costs as much as a small
         # expert's product; only experts that received no token are zeroed
+        # (a view's gradient keeps the view's strides: empty_like preserves them)
         grad_w = weight_grad_buffer(weight) if need_w else None
-        grad_b = weight.new_empty(weight.size(0), weight.size(1)) if need_b else None
+        grad_b = weight.new_empty(weight.shape[:-1]) if need_b else None
         for e, count in enumerate(ctx.counts):
             if count == 0:
                 if grad_w is not None:
-                    grad_w[e].zero_()
+                    _of_expert(grad_w, e, 2).zero_()
                 if grad_b is not None:
-                    grad_b[e].zero_()
+                    _of_expert(grad_b, e, 1).zero_()
 
         def work(bounds):
             for e, lo, hi in bounds:
                 g = grad_y[lo:hi]
                 if grad_x is not None:
-                    torch.mm(g, weight[e], out=grad_x[lo:hi])
+                    torch.mm(g, _of_expert(weight, e, 2), out=grad_x[lo:hi])
                 if grad_w is not None:
-                    torch.mm(g.t(), x[lo:hi], out=grad_w[e])
+                    torch.mm(g.t(), x[lo:hi], out=_of_expert(grad_w, e, 2))
                 if grad_b is not None:
-                    torch.sum(g, dim=0, out=grad_b[e])
+                    torch.sum(g, dim=0, out=_of_expert(grad_b, e, 1))
 
         for_expert_groups(x.device, ctx.counts, work)
         if grad_x is not None and ctx.kept < x.size(0):
@@ -413,8 +452,8 @@ class ExpertFFN(nn.Module):
 
     @torch.no_grad()
     def load_dense(self, fc1: nn.Linear, fc2: nn.Linear, expert=None):
-        """Copy a dense FFN's weights into one expert (or all of them)."""
-        experts = range(self.num_experts) if expert is None else [expert]
+        """Copy a dense FFN's weights into one expert FFN (or all of them)."""
+        experts = range(self.fc1_weight.size(0)) if expert is None else [expert]
         for e in experts:
             self.fc1_weight[e].copy_(fc1.weight)
             self.fc1_bias[e].copy_(fc1.bias)

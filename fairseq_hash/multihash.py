@@ -14,6 +14,7 @@ segment-0 slot). Compute per token is one FFN's; parameters are K FFNs',
 exactly those of ``--hash-count 1``, and a state dict has the same shapes.
 """
 import torch
+import torch.nn.functional as F
 
 from .errors import HashConfigError
 from .experts import ExpertFFN, grouped_linear
@@ -61,14 +62,24 @@ class SegmentedExpertFFN(ExpertFFN):
         self.num_segments = num_segments
         self.num_experts = self.num_ffns * num_segments
 
+    def segments(self):
+        """The narrow experts' weights, views of the parameters (no copy).
+
+        fc1's segment m is rows of fc1, so ``[K*N, f/N, d]`` is a view; fc2's
+        is columns, so its segments stay ``[K, N, d, f/N]`` (a flat ``[K*N, d,
+        f/N]`` would copy all of fc2 on every forward). fc2's bias ``[K, N,
+        d]`` is zero but for segment 0, which adds it once a token.
+        """
+        n, (k, f, d) = self.num_segments, self.fc1_weight.shape
+        w1 = self.fc1_weight.view(k * n, f // n, d)
+        b1 = self.fc1_bias.view(k * n, f // n)
+        w2 = self.fc2_weight.view(k, d, n, f // n).transpose(1, 2)
+        b2 = F.pad(self.fc2_bias.unsqueeze(1), (0, 0, 0, n - 1))
+        return w1, b1, w2, b2
+
     def forward(self, x, counts):
         # x: [S, d] sorted by narrow expert; counts: K*N ints
-        n, (k, f, d) = self.num_segments, self.fc1_weight.shape
-        w1 = self.fc1_weight.view(k * n, f // n, d)  # a view: segment m = rows of fc1
-        b1 = self.fc1_bias.view(k * n, f // n)
-        w2 = self.fc2_weight.view(k, d, n, f // n).transpose(1, 2).reshape(k * n, d, f // n)
-        b2 = torch.cat([self.fc2_bias.unsqueeze(1),
-                        self.fc2_bias.new_zeros(k, n - 1, d)], 1).view(k * n, d)
+        w1, b1, w2, b2 = self.segments()
         h = grouped_linear(x, w1, b1, counts)  # [S, f/N]
         h = self.activation_dropout(self.activation_fn(h))
         return grouped_linear(h, w2, b2, counts)  # [S, d], one segment's share of fc2

@@ -16,6 +16,7 @@ same contract but look at the hidden state x, never the token ids:
 :class:`BaseRouter` (BASE layers' balanced assignment). Their weights are
 shared parameters; in eval mode each routes every token deterministically.
 """
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch.nn as nn
 from fairscale.nn.moe.top2gate import Top2Gate, top2gating
 
 from .errors import HashConfigError
-from .hashing import HashFunction, RouteInputs
+from .hashing import HASH_REGISTRY, HashFunction, RouteInputs
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +40,18 @@ class RouterOutput:
     dropped: Optional[torch.Tensor] = None  # [S, k] bool, slots over capacity
 
 
+def hash_type_id(name: str) -> int:
+    """A stable 60-bit number naming a ``--hash-type``, kept in checkpoints."""
+    return int(hashlib.sha1(name.encode("utf-8")).hexdigest()[:15], 16)
+
+
 class HashRouter(nn.Module):
     """Hash Layers' router: a fixed table lookup on the token context.
 
     The table (``[R, N]`` expert ids) is a buffer, so it travels in every
     checkpoint, together with a fingerprint of the dictionary it was built
-    for; loading it beside another dictionary is refused.
+    for and the ``--hash-type`` that built it; loading it beside another
+    dictionary is refused, and so is resuming it under another hash type.
     """
 
     def __init__(self, hash_fn: HashFunction, table: torch.Tensor, num_experts: int,
@@ -54,6 +61,7 @@ class HashRouter(nn.Module):
         self.num_experts = num_experts
         self.register_buffer("table", table.long())
         self.register_buffer("dict_fingerprint", torch.tensor([dict_fingerprint]))
+        self.register_buffer("hash_type_id", torch.tensor([hash_type_id(hash_fn.name)]))
         # a --hash-file that was not found: the table must come from a checkpoint
         self.missing_file = missing_file
 
@@ -63,10 +71,21 @@ class HashRouter(nn.Module):
         table = torch.zeros(0, count * hash_fn.columns_per_hash, dtype=torch.long)
         return cls(hash_fn, table, num_experts, dict_fingerprint, missing_file=hash_file)
 
+    def missing_table_error(self) -> HashConfigError:
+        return HashConfigError(f"--hash-file {self.missing_file}: no such file (and no "
+                               f"checkpoint gave the table it was trained with)")
+
+    def train(self, mode: bool = True):
+        # fairseq-train sets training mode first thing in its first train_step,
+        # after it loaded any checkpoint (which gives the table) and outside the
+        # handler that writes crash.pt: no step runs and nothing is written
+        if mode and self.missing_file:
+            raise self.missing_table_error()
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor, route: RouteInputs) -> RouterOutput:
         if self.missing_file:
-            raise HashConfigError(f"--hash-file {self.missing_file}: no such file (and no "
-                                  f"checkpoint gave the table it was trained with)")
+            raise self.missing_table_error()
         experts = self.hash_fn.route(self.table, route)  # [B, T, N]
         # fairseq's layers see time-major [T, B, d] features, flattened to [T*B, d]
         indices = experts.transpose(0, 1).reshape(-1, experts.size(-1))
@@ -80,8 +99,9 @@ class HashRouter(nn.Module):
         if table is None:
             return
         if self.missing_file and table.size(1) == self.table.size(1):
-            # the checkpoint carries the table the file held: take its shape
-            self.table = table.new_empty(table.shape)
+            # the checkpoint carries the table the file held: take its shape,
+            # on this module's device (the checkpoint is read onto the CPU)
+            self.table = self.table.new_empty(table.shape)
             self.missing_file = None
         if table.shape != self.table.shape or (
             fingerprint is not None and int(fingerprint[0]) != int(self.dict_fingerprint[0])
@@ -97,6 +117,19 @@ class HashRouter(nn.Module):
                 f"the hash table {prefix}table routes to expert {int(table.max())} but "
                 f"--hash-experts is {self.num_experts}"
             )
+
+    def saved_hash_type(self, state_dict, prefix: str) -> str:
+        """The ``--hash-type`` that built the checkpoint's table under ``prefix``.
+
+        A checkpoint from before the type was recorded is taken to hold this
+        router's type, and is given it so that it loads.
+        """
+        key = f"{prefix}.hash_type_id"
+        if key not in state_dict:
+            state_dict[key] = self.hash_type_id.clone()
+        saved = int(state_dict[key][0])
+        names = [n for n in HASH_REGISTRY if hash_type_id(n) == saved]
+        return names[0] if names else f"unknown ({saved:015x})"
 
 
 def load_balancing_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:

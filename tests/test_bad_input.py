@@ -24,6 +24,7 @@ def train_with(data_bin, save_dir, *extra):
     (["--hash-layer", "2"], "--hash-layer 2 is outside the model"),
     (["--hash-layer", "-3"], "valid indices are -2..1"),
     (["--hash-layer", "first"], "--hash-layer 'first'"),
+    (["--hash-layer", ""], "--hash-layer '' names no layer"),
     (["--hash-experts", "1"], "--hash-experts 1: must be at least 2"),
     (["--hash-type", "md5"], "--hash-type 'md5' is unknown; valid:"),
 ])
@@ -58,4 +59,15 @@ def test_resuming_with_another_number_of_experts_is_refused(trained, data_bin, t
     before = open(os.path.join(kept, "checkpoint_last.pt"), "rb").read()
     proc = train_with(data_bin, kept, "--hash-experts", "8")
     assert "the checkpoint has 4 experts in hash layer 0 but --hash-experts is 8" in error_line(proc)
+    assert open(os.path.join(kept, "checkpoint_last.pt"), "rb").read() == before
+
+
+def test_resuming_with_another_hash_type_is_refused(trained, data_bin, tmp_path):
+    save, _ = trained  # trained with the default --hash-type balanced
+    kept = str(tmp_path / "kept")
+    shutil.copytree(save, kept)
+    before = open(os.path.join(kept, "checkpoint_last.pt"), "rb").read()
+    proc = train_with(data_bin, kept, "--hash-type", "random")
+    assert ("hash layer 0 of the checkpoint was trained with --hash-type balanced but "
+            "--hash-type is random" in error_line(proc))
     assert open(os.path.join(kept, "checkpoint_last.pt"), "rb").read() == before

@@ -147,7 +147,40 @@ def test_a_checkpoint_trained_with_a_file_loads_after_the_file_is_gone(tmp_path,
     assert loss.search(after) and loss.search(after).group(1) == loss.search(before).group(1)
 
 
-def test_training_from_scratch_with_a_missing_file_fails_in_one_line(tmp_path, corpus):
+def test_training_from_scratch_with_a_missing_file_fails_in_one_line_and_writes_nothing(
+        tmp_path, corpus):
     missing = str(tmp_path / "missing.json")
     error = training_error(corpus, tmp_path, "--hash-type", "random", "--hash-file", missing)
     assert f"--hash-file {missing}: no such file" in error
+    # fairseq-train makes the (empty) save dir before any plugin code runs
+    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
+    assert written == []
+
+
+def test_a_checkpoint_trained_with_a_file_resumes_training_after_the_file_is_gone(
+        tmp_path, corpus):
+    out = str(tmp_path / "random.json")
+    hashfns_run(["fairseq-hash-table", "random", "--data", corpus, "--experts", 4,
+                 "--output", out])
+    save = str(tmp_path / "ckpt")
+    ckpt = hashfns_train(corpus, save, "--hash-type", "random", "--hash-file", out, updates=2)
+    os.remove(out)
+    hashfns_run(["fairseq-train", corpus, "--user-dir", hashfns_user_dir(), *HASHFNS_TINY,
+                 "--hash-type", "random", "--hash-file", out, "--max-update", 4,
+                 "--save-dir", save])
+    state = torch.load(ckpt, weights_only=False)
+    assert state["optimizer_history"][-1]["num_updates"] == 4
+
+
+def test_a_table_awaiting_its_checkpoint_takes_the_modules_device(tmp_path):
+    path, table, d = saved(tmp_path, "random", hashes=1)
+    args = argparse.Namespace(hash_experts=4, hash_type="random", hash_seed=1, hash_count=1,
+                              hash_file=path)
+    state = {f"r.{k}": v for k, v in build_hash_moe(args, d, 0, 8, 16).router.state_dict().items()}
+    os.remove(path)
+    router = build_hash_moe(args, d, 0, 8, 16).router
+    # "meta" stands for an accelerator (the checkpoint is read onto the CPU);
+    # only the table moves, the fingerprints stay readable
+    router.table = router.table.to("meta")
+    router.upgrade_state_dict_named(state, "r")
+    assert router.table.device.type == "meta" and router.table.shape == table.shape

@@ -77,6 +77,41 @@ def test_segments_concatenate_before_fc2(count):
     torch.testing.assert_close(y.reshape(-1, 8), want, rtol=1e-5, atol=1e-5)
 
 
+def test_gradients_equal_those_of_the_per_token_definition():
+    d = hashfns_dictionary()
+    moe = build_hash_moe(moe_args(hash_count=2), d, 0, 8, 16)
+    tokens = torch.randint(d.nspecial, len(d), (2, 5))
+    x = torch.randn(5, 2, 8, requires_grad=True)
+    weights = [x, *moe.experts.parameters()]
+    y = moe(x, RouteInputs.from_tokens(tokens, d.pad(), d.eos()))
+    grads = torch.autograd.grad((y * y).sum(), weights)
+    chosen = moe.router.table[tokens.t().reshape(-1)]
+    want = reference_multihash(x.reshape(-1, 8), moe.experts, chosen)
+    want_grads = torch.autograd.grad((want * want).sum(), weights)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_fc2_segments_are_views_of_fc2_not_a_copy():
+    experts = SegmentedExpertFFN(4, 8, 16, num_segments=2)
+    w1, _, w2, _ = experts.segments()
+    assert w1.data_ptr() == experts.fc1_weight.data_ptr()
+    assert w2.data_ptr() == experts.fc2_weight.data_ptr()
+    assert w2[1, 1].equal(experts.fc2_weight[1][:, 8:])  # expert 1, segment 1: its columns
+
+
+def test_a_dense_ffn_loaded_into_every_expert_gives_the_dense_output():
+    d = hashfns_dictionary()
+    moe = build_hash_moe(moe_args(hash_count=2), d, 0, 8, 16)
+    fc1, fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+    moe.experts.load_dense(fc1, fc2)
+    tokens = torch.randint(d.nspecial, len(d), (2, 5))
+    x = torch.randn(5, 2, 8)
+    with torch.no_grad():
+        y = moe(x, RouteInputs.from_tokens(tokens, d.pad(), d.eos()))
+        torch.testing.assert_close(y, fc2(torch.relu(fc1(x))), rtol=1e-5, atol=1e-5)
+
+
 def test_changing_one_segments_hash_changes_the_output():
     d = hashfns_dictionary()
     moe = build_hash_moe(moe_args(hash_count=2), d, 0, 8, 16)

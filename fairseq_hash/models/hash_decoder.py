@@ -44,6 +44,11 @@ def parse_hash_layers(spec: str, num_layers: int) -> List[int]:
         raise HashConfigError(
             f"--hash-layer {spec!r}: expected comma-separated integers such as 0,-1"
         ) from None
+    if not raw:
+        raise HashConfigError(
+            f"--hash-layer {spec!r} names no layer; give comma-separated decoder layer "
+            f"indices such as 0,-1 (without hash layers, use --arch transformer_lm)"
+        )
     layers = set()
     for i in raw:
         if not -num_layers <= i < num_layers:
@@ -252,6 +257,15 @@ class HashTransformerDecoder(TransformerDecoder):
     def upgrade_state_dict_named(self, state_dict, name):
         super().upgrade_state_dict_named(state_dict, name)
         for idx, moe in self.moe_layers.items():
+            router = f"{name}.layers.{idx}.fc1.router"
+            if isinstance(moe.router, HashRouter) and f"{router}.table" in state_dict:
+                saved = moe.router.saved_hash_type(state_dict, router)
+                if saved != moe.router.hash_fn.name:
+                    raise HashConfigError(
+                        f"hash layer {idx} of the checkpoint was trained with --hash-type "
+                        f"{saved} but --hash-type is {moe.router.hash_fn.name}; use the "
+                        f"checkpoint's value"
+                    )
             key = f"{name}.layers.{idx}.fc1.experts.fc1_weight"
             # all K FFNs of the layer, whichever share of them this rank holds
             num_ffns = moe.experts.total_experts
