@@ -10,111 +10,22 @@ weights under the same ``--seed``; every architecture preset of transformer_lm
 exists here with a ``hash_`` prefix.
 """
 import logging
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
-from fairseq.dataclass import FairseqDataclass
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models import transformer_lm as fairseq_lm
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 
-from ..hashing import HASH_REGISTRY
 from ..distributed_checkpoints import prepare_expert_parallel
 from .hash_decoder import HashTransformerDecoder
+from .hash_layers import HashLayerConfig, count_parameters  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class HashLayerConfig(FairseqDataclass):
-    hash_layer: str = field(
-        default="-1",
-        metadata={
-            "help": "comma-separated 0-based indices of the decoder layers whose FFN "
-            "becomes a hash layer; negative indices count from the end (default -1: "
-            "the last layer)"
-        },
-    )
-    hash_experts: int = field(
-        default=16, metadata={"help": "number of expert FFNs in each hash layer (K >= 2)"}
-    )
-    hash_type: str = field(
-        default="balanced",
-        metadata={
-            "help": "hash function from token to expert: "
-            + ", ".join(sorted(HASH_REGISTRY))
-            + " (balanced: greedy over dict.txt counts; random: seeded table; bigram, "
-            "previous, future, position: by token pair, previous token, next token "
-            "(an oracle: no generation), position; clustered, dispersed: need --hash-file)"
-        },
-    )
-    hash_seed: int = field(
-        default=1,
-        metadata={"help": "seed of random hash tables (layer i uses seed + i)"},
-    )
-    router: str = field(
-        default="hash",
-        metadata={
-            "help": "how the routed layers choose experts: hash (the token's hash, no "
-            "parameters), switch (learned top-1 gate), top2 (GShard top-2 gate, "
-            "fairscale's Top2Gate) or base (BASE layers' balanced assignment); learned "
-            "routers need --criterion moe_cross_entropy for their auxiliary loss"
-        },
-    )
-    capacity_factor: float = field(
-        default=1.25,
-        metadata={
-            "help": "--router switch: in training each expert takes at most "
-            "capacity-factor * tokens / experts tokens of a batch; the rest skip the "
-            "layer's FFN and are counted as dropped (top2 uses fairscale's fixed 2 * "
-            "tokens / experts; evaluation drops nothing)"
-        },
-    )
-    hash_count: int = field(
-        default=1,
-        metadata={
-            "help": "MultiHash: number of hashes N; each picks the expert of one of N "
-            "equal segments of the FFN's hidden units (--decoder-ffn-embed-dim must "
-            "divide by N; 1: the plain hash layer)"
-        },
-    )
-    hash_file: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "JSON table file from fairseq-hash-table (or your own, see "
-            "docs/hash_tables.md) used by every hash layer instead of building one; "
-            "its type, expert count and dictionary must match --hash-type, "
-            "--hash-experts and the data"
-        },
-    )
-    moe_expert_parallel_size: int = field(
-        default=0,
-        metadata={
-            "help": "expert parallelism on several ranks: spread each hash layer's "
-            "experts over groups of P ranks, K/P experts a rank, the W/P groups being "
-            "data-parallel replicas (default 0: P = W when W divides K, else P = K when "
-            "K divides W; 1: every expert on every rank)"
-        },
-    )
-    moe_dispatch: str = field(
-        default="alltoall",
-        metadata={
-            "help": "how tokens reach experts on other ranks: alltoall (sorted by expert, "
-            "padded to the step's largest count, fairscale's all-to-all) or fairscale "
-            "(fairscale's MOELayer with dense dispatch masks, for comparison)"
-        },
-    )
-
-
-@dataclass
 class HashTransformerLanguageModelConfig(TransformerLanguageModelConfig, HashLayerConfig):
     pass
-
-
-def count_parameters(model):
-    expert = sum(p.numel() for p in model.parameters() if getattr(p, "expert", False))
-    total = sum(p.numel() for p in model.parameters())
-    return total - expert, expert
 
 
 @register_model("hash_transformer_lm", dataclass=HashTransformerLanguageModelConfig)
