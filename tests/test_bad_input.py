@@ -58,7 +58,7 @@ def test_resuming_with_another_number_of_experts_is_refused(trained, data_bin, t
     shutil.copytree(save, kept)
     before = open(os.path.join(kept, "checkpoint_last.pt"), "rb").read()
     proc = train_with(data_bin, kept, "--hash-experts", "8")
-    assert "the checkpoint has 4 experts in hash layer 0 but --hash-experts is 8" in error_line(proc)
+    assert "the checkpoint has 4 experts in decoder hash layer 0 but --hash-experts is 8" in error_line(proc)
     assert open(os.path.join(kept, "checkpoint_last.pt"), "rb").read() == before
 
 

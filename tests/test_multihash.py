@@ -170,5 +170,5 @@ def test_a_multihash_checkpoint_resumes_and_refuses_another_count(tmp_path_facto
     shutil.copytree(os.path.dirname(ckpt), other)
     proc = hashfns_run([*flags, "--hash-count", 1, "--save-dir", other], check=False)
     errors = [l for l in proc.stderr.splitlines() if l.startswith("fairseq-hash: error:")]
-    assert errors == ["fairseq-hash: error: the checkpoint has 2 hash(es) in hash layer 0 but "
+    assert errors == ["fairseq-hash: error: the checkpoint has 2 hash(es) in decoder hash layer 0 but "
                       "--hash-count is 1; use the checkpoint's value"]

@@ -2,8 +2,9 @@
 
 fairseq's ``--help`` prints before the model's own flags are added to its
 parser (for every ``--arch``, fairseq's own included), so this command lists
-ours: ``fairseq-hash-help`` (or ``fairseq-hash-help --arch hash_transformer_lm``),
-and those of ``--optimizer fused_adamw``.
+ours: ``fairseq-hash-help`` (or ``fairseq-hash-help --arch hash_transformer``, any
+architecture of hash_transformer_lm, hash_transformer or hash_roberta), and
+those of ``--optimizer fused_adamw``.
 """
 import argparse
 
@@ -16,17 +17,23 @@ def main(argv=None):
 
     import fairseq_hash  # noqa: F401  (registers the models)
     from fairseq.dataclass.utils import gen_parser_from_dataclass
-    from fairseq.models import ARCH_MODEL_REGISTRY
+    from fairseq.models import ARCH_MODEL_NAME_REGISTRY
 
-    from fairseq_hash.models.hash_transformer_lm import HashLayerConfig
+    from fairseq_hash.models.hash_layers import (EncoderDecoderHashConfig, EncoderHashConfig,
+                                                 HashLayerConfig)
     from fairseq_hash.optim.fused_adamw import FusedAdamWConfig
 
-    if args.arch not in ARCH_MODEL_REGISTRY:
-        raise SystemExit(f"fairseq-hash-help: error: --arch {args.arch} is not registered")
+    configs = {"hash_transformer_lm": HashLayerConfig, "hash_transformer": EncoderDecoderHashConfig,
+               "hash_roberta": EncoderHashConfig}
+    model = ARCH_MODEL_NAME_REGISTRY.get(args.arch)
+    if model not in configs:
+        hash_archs = sorted(a for a, m in ARCH_MODEL_NAME_REGISTRY.items() if m in configs)
+        raise SystemExit(f"fairseq-hash-help: error: --arch {args.arch} is not a hash-layer "
+                         f"architecture; valid: {', '.join(hash_archs)}")
     flags = argparse.ArgumentParser(
         prog=f"fairseq-train DATA --user-dir $(fairseq-hash-user-dir) --arch {args.arch}",
         add_help=False, usage=argparse.SUPPRESS)
-    gen_parser_from_dataclass(flags.add_argument_group("hash layers"), HashLayerConfig())
+    gen_parser_from_dataclass(flags.add_argument_group("hash layers"), configs[model]())
     gen_parser_from_dataclass(
         flags.add_argument_group("--optimizer fused_adamw (fairseq's adam in one fused pass)"),
         FusedAdamWConfig())

@@ -1,1 +1,1 @@
-from . import hash_transformer_lm  # noqa: F401
+from . import hash_roberta, hash_transformer, hash_transformer_lm  # noqa: F401

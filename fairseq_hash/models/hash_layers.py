@@ -9,6 +9,7 @@ hash layers here, on the encoder's or the decoder's fairseq layers alike.
 import functools
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -20,10 +21,10 @@ from omegaconf import OmegaConf
 from ..errors import HashConfigError
 from ..experts import ExpertFFN
 from ..expert_parallel import (AllToAllExchange, check_ddp_backend, expert_layout,
-                               sync_expert_gradients)
+                               gather_counts, sync_expert_gradients)
 from ..fairscale_dispatch import FairscaleExchange
-from ..hashing import (HASH_REGISTRY, build_hash_function, dictionary_fingerprint,
-                       expected_load, token_counts)
+from ..hashing import (HASH_REGISTRY, RouteInputs, build_hash_function,
+                       dictionary_fingerprint, expected_load, token_counts)
 from ..moe_layer import MoELayer
 from ..multihash import MultiHashRouter, SegmentedExpertFFN, check_hash_count
 from ..routers import ROUTERS, HashRouter, build_learned_router
@@ -33,15 +34,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class HashLayerConfig(FairseqDataclass):
-    hash_layer: str = field(
-        default="-1",
-        metadata={
-            "help": "comma-separated 0-based indices of the decoder layers whose FFN "
-            "becomes a hash layer; negative indices count from the end (default -1: "
-            "the last layer)"
-        },
-    )
+class HashRoutingConfig(FairseqDataclass):
+    """How hash layers route, on whichever side of the model they are."""
+
     hash_experts: int = field(
         default=16, metadata={"help": "number of expert FFNs in each hash layer (K >= 2)"}
     )
@@ -57,7 +52,8 @@ class HashLayerConfig(FairseqDataclass):
     )
     hash_seed: int = field(
         default=1,
-        metadata={"help": "seed of random hash tables (layer i uses seed + i)"},
+        metadata={"help": "seed of random hash tables (layer i uses seed + i; in "
+                  "hash_transformer, decoder layer i uses seed + encoder layers + i)"},
     )
     router: str = field(
         default="hash",
@@ -113,25 +109,87 @@ class HashLayerConfig(FairseqDataclass):
     )
 
 
+def _layers_field(side: str, routed_by: str = ""):
+    return field(default="-1", metadata={"help": (
+        f"comma-separated 0-based indices of the {side} layers whose FFN becomes a hash "
+        f"layer; negative indices count from the end (default -1: the last layer; an "
+        f"empty value: none){routed_by}")})
 
-def parse_hash_layers(spec: str, num_layers: int) -> List[int]:
-    """``"0,-1"`` -> sorted 0-based layer indices; negative ones count from the end."""
+
+@dataclass
+class HashLayerConfig(HashRoutingConfig):
+    """``hash_transformer_lm``: hash layers in the decoder."""
+
+    hash_layer: str = _layers_field("decoder")
+
+
+@dataclass
+class EncoderHashConfig(HashRoutingConfig):
+    """``hash_roberta``: hash layers in the encoder, routed by the source tokens."""
+
+    encoder_hash_layer: str = _layers_field(
+        "encoder", "; routed by the source tokens, with the source dictionary's table")
+
+
+@dataclass
+class EncoderDecoderHashConfig(EncoderHashConfig):
+    """``hash_transformer``: hash layers in the encoder and in the decoder."""
+
+    decoder_hash_layer: str = _layers_field(
+        "decoder", "; routed by the previous output tokens, with the target dictionary's table")
+
+
+def fill_hash_defaults(args, config_cls):
+    """Give an argparse model's ``args`` our flags' defaults where they are missing.
+
+    fairseq's argparse models (``transformer``, ``roberta``) set their defaults
+    in architecture functions, and a dense checkpoint's args lack our flags.
+    """
+    for name, value in vars(config_cls()).items():
+        if not name.startswith("_") and not hasattr(args, name):
+            setattr(args, name, value)
+
+
+def register_hash_presets(base_model: str, hash_model: str, config_cls):
+    """``hash_<arch>`` for every architecture of ``base_model``, with its defaults and ours."""
+    from fairseq.models import (ARCH_CONFIG_REGISTRY, ARCH_MODEL_NAME_REGISTRY,
+                                ARCH_MODEL_REGISTRY, register_model_architecture)
+
+    for arch, model_name in list(ARCH_MODEL_NAME_REGISTRY.items()):
+        # a dataclass model has registered its own name as an architecture already
+        if model_name != base_model or "hash_" + arch in ARCH_MODEL_REGISTRY:
+            continue
+
+        def preset(args, base=ARCH_CONFIG_REGISTRY[arch]):
+            base(args)
+            fill_hash_defaults(args, config_cls)
+
+        register_model_architecture(hash_model, "hash_" + arch)(preset)
+
+def parse_hash_layers(spec: str, num_layers: int, flag: str = "--hash-layer",
+                      layers_flag: str = "--decoder-layers", allow_none: bool = False) -> List[int]:
+    """``"0,-1"`` -> sorted 0-based layer indices; negative ones count from the end.
+
+    ``flag`` and ``layers_flag`` name the flags in error messages. An empty
+    ``spec`` is refused unless ``allow_none`` (one side of an encoder-decoder).
+    """
     try:
         raw = [int(s) for s in str(spec).split(",") if s.strip()]
     except ValueError:
         raise HashConfigError(
-            f"--hash-layer {spec!r}: expected comma-separated integers such as 0,-1"
+            f"{flag} {spec!r}: expected comma-separated integers such as 0,-1"
         ) from None
-    if not raw:
+    if not raw and not allow_none:
+        side = layers_flag[2:].split("-")[0]
         raise HashConfigError(
-            f"--hash-layer {spec!r} names no layer; give comma-separated decoder layer "
-            f"indices such as 0,-1 (without hash layers, use --arch transformer_lm)"
+            f"{flag} {spec!r} names no layer; give comma-separated {side} layer "
+            f"indices such as 0,-1 (without hash layers, use fairseq's dense --arch)"
         )
     layers = set()
     for i in raw:
         if not -num_layers <= i < num_layers:
             raise HashConfigError(
-                f"--hash-layer {i} is outside the model: with --decoder-layers "
+                f"{flag} {i} is outside the model: with {layers_flag} "
                 f"{num_layers} valid indices are {-num_layers}..{num_layers - 1}"
             )
         layers.add(i % num_layers)
@@ -283,7 +341,7 @@ def pass_route_through(layer: nn.Module, moe: MoELayer):
     layer.forward = forward
 
 
-def log_expected_load(moe_layers, dictionary):
+def log_expected_load(moe_layers, dictionary, side: str = "decoder"):
     counts = token_counts(dictionary)
     for idx, moe in moe_layers.items():
         router = moe.router
@@ -293,7 +351,7 @@ def log_expected_load(moe_layers, dictionary):
             continue  # not a token table (e.g. position); load depends on the data
         share = expected_load(router.table, counts, router.num_experts)[0]
         logger.info(
-            f"hash layer {idx} ({router.hash_fn.name}, {router.num_experts} experts): "
+            f"{side} hash layer {idx} ({router.hash_fn.name}, {router.num_experts} experts): "
             f"expected share per expert min {share.min():.4f} max {share.max():.4f}, "
             f"max/mean {share.max() * router.num_experts:.3f}"
         )
@@ -303,3 +361,122 @@ def count_parameters(model):
     expert = sum(p.numel() for p in model.parameters() if getattr(p, "expert", False))
     total = sum(p.numel() for p in model.parameters())
     return total - expert, expert
+
+
+def log_parameters(model, arch: str, sides):
+    """One line: shared and expert parameters, and where the hash layers are.
+
+    ``sides`` maps a name ("encoder", "decoder") to its HashLayers module.
+    """
+    shared, expert = count_parameters(model)
+    where = ", ".join(f"{len(m.hash_layer_ids)} {side} hash layers at {m.hash_layer_ids}"
+                      for side, m in sides.items())
+    experts = next((moe.experts for m in sides.values() for moe in m.moe_layers.values()), None)
+    per_layer = getattr(experts, "total_experts", 0)
+    logger.info(f"{arch}: {shared:,} shared and {expert:,} expert parameters "
+                f"({where}, {per_layer} experts each)")
+
+
+class HashLayers:
+    """Mixin for fairseq's TransformerEncoder and TransformerDecoder: hash layers in place of FFNs.
+
+        class HashTransformerEncoder(HashLayers, TransformerEncoder): ...
+        module.add_hash_layers(args, dictionary, "0,-1", flag="--encoder-hash-layer")
+        with module.routing(RouteInputs.from_tokens(tokens, pad, eos)):
+            ...  # fairseq's own forward; the hash layers route by ``tokens``
+
+    The module keeps ``hash_layer_ids`` and ``moe_layers`` (layer index ->
+    MoELayer); loading a state dict refuses a checkpoint whose hash layers
+    differ from the module's in experts, hashes or place.
+    """
+
+    side = "decoder"  # names the module in logs and error messages
+
+    def add_hash_layers(self, args, dictionary, spec: str, flag: str, seed_offset: int = 0,
+                        allow_none: bool = False):
+        """Route the FFNs of the layers ``spec`` (the value of ``flag``) by ``dictionary``'s tokens.
+
+        Layer i's experts and random table are seeded by ``seed_offset + i``, so
+        that an encoder's and a decoder's layer i start apart.
+        """
+        check_hash_args(args)
+        self.hash_flag = flag
+        self.hash_layer_ids = parse_hash_layers(spec, len(self.layers), flag,
+                                                f"--{self.side}-layers", allow_none)
+        self.moe_layers = {}
+        for idx in self.hash_layer_ids:
+            layer = self.layers[idx]
+            moe = build_hash_moe(args, dictionary, seed_offset + idx, layer.embed_dim,
+                                 layer.fc1.out_features)
+            replace_ffn(layer, moe)
+            pass_route_through(layer, moe)
+            self.moe_layers[idx] = moe
+        log_expected_load(self.moe_layers, dictionary, self.side)
+
+    def plan_exchanges(self, route: RouteInputs):
+        """Every expert-parallel hash layer's counts of all ranks, in one collective.
+
+        A hash layer's routing depends on token ids alone, so the exchange
+        sizes of all of them are known before the first layer runs.
+        """
+        planned = {idx: moe for idx, moe in self.moe_layers.items()
+                   if moe.exchange is not None and isinstance(moe.router, HashRouter)}
+        if not planned:
+            return {}
+        counts = torch.stack([
+            torch.bincount(moe.router(None, route).indices.reshape(-1),
+                           minlength=moe.num_experts)
+            for moe in planned.values()])  # [layers, E]
+        layout = next(iter(planned.values())).exchange.layout
+        everyone = gather_counts(counts, layout)  # [P, layers, E]
+        return {idx: everyone[:, i] for i, idx in enumerate(planned)}
+
+    @contextmanager
+    def routing(self, route: RouteInputs):
+        """Hand every hash layer the route inputs of one forward pass (see pass_route_through)."""
+        plans = self.plan_exchanges(route)
+        for idx, moe in self.moe_layers.items():
+            moe.next_route = (route, plans.get(idx))
+        try:
+            yield
+        finally:
+            for moe in self.moe_layers.values():
+                moe.next_route = (None, None)
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        super().upgrade_state_dict_named(state_dict, name)
+        for idx, moe in self.moe_layers.items():
+            router = f"{name}.layers.{idx}.fc1.router"
+            if isinstance(moe.router, HashRouter) and f"{router}.table" in state_dict:
+                saved = moe.router.saved_hash_type(state_dict, router)
+                if saved != moe.router.hash_fn.name:
+                    raise HashConfigError(
+                        f"{self.side} hash layer {idx} of the checkpoint was trained with "
+                        f"--hash-type {saved} but --hash-type is {moe.router.hash_fn.name}; "
+                        f"use the checkpoint's value"
+                    )
+            key = f"{name}.layers.{idx}.fc1.experts.fc1_weight"
+            # all K FFNs of the layer, whichever share of them this rank holds
+            num_ffns = moe.experts.total_experts
+            if key in state_dict and state_dict[key].size(0) != num_ffns:
+                raise HashConfigError(
+                    f"the checkpoint has {state_dict[key].size(0)} experts in {self.side} hash "
+                    f"layer {idx} "
+                    f"but --hash-experts is {num_ffns}; use the checkpoint's value"
+                )
+            table = state_dict.get(f"{name}.layers.{idx}.fc1.router.table")
+            if table is not None and table.size(1) != moe.router.table.size(1):
+                per_hash = moe.router.hash_fn.columns_per_hash
+                raise HashConfigError(
+                    f"the checkpoint has {table.size(1) // per_hash} hash(es) in {self.side} "
+                    f"hash layer {idx} but --hash-count is {moe.router.table.size(1) // per_hash}; use "
+                    f"the checkpoint's value"
+                )
+            missing = f"{name}.layers.{idx}.fc1.router.table"
+            if missing not in state_dict and f"{name}.layers.{idx}.fc1.weight" in state_dict:
+                raise HashConfigError(
+                    f"{self.side} layer {idx} of the checkpoint is a dense FFN, not a hash "
+                    f"layer; "
+                    f"check {self.hash_flag} (this model routes layers {self.hash_layer_ids}), "
+                    f"or turn a dense checkpoint into a hash one with fairseq-hash-upcycle"
+                )

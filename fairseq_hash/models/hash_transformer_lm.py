@@ -9,23 +9,24 @@ fairseq's ``transformer_lm`` with the same defaults and the same initial
 weights under the same ``--seed``; every architecture preset of transformer_lm
 exists here with a ``hash_`` prefix.
 """
-import logging
-from dataclasses import dataclass
+from argparse import SUPPRESS
+from dataclasses import dataclass, field
+from typing import Optional
 
-from fairseq.models import register_model, register_model_architecture
-from fairseq.models import transformer_lm as fairseq_lm
+from fairseq.models import register_model
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 
+from ..errors import HashConfigError
 from ..distributed_checkpoints import prepare_expert_parallel
 from .hash_decoder import HashTransformerDecoder
-from .hash_layers import HashLayerConfig, count_parameters  # noqa: F401
-
-logger = logging.getLogger(__name__)
+from .hash_layers import HashLayerConfig, log_parameters, register_hash_presets
 
 
 @dataclass
 class HashTransformerLanguageModelConfig(TransformerLanguageModelConfig, HashLayerConfig):
-    pass
+    # present only to be refused with a pointer to --hash-layer (hidden from --help)
+    encoder_hash_layer: Optional[str] = field(default=None, metadata={"help": SUPPRESS})
+    decoder_hash_layer: Optional[str] = field(default=None, metadata={"help": SUPPRESS})
 
 
 @register_model("hash_transformer_lm", dataclass=HashTransformerLanguageModelConfig)
@@ -36,27 +37,17 @@ class HashTransformerLanguageModel(TransformerLanguageModel):
 
     @classmethod
     def build_model(cls, args, task):
+        for flag in ("encoder_hash_layer", "decoder_hash_layer"):
+            if getattr(args, flag, None) is not None:
+                raise HashConfigError(
+                    f"--{flag.replace('_', '-')} is for --arch hash_transformer or hash_roberta; "
+                    f"{args.arch} is a decoder-only model: name its hash layers with --hash-layer"
+                )
         model = super().build_model(args, task)
         model.decoder = HashTransformerDecoder.adopt(model.decoder, args, task.target_dictionary)
         prepare_expert_parallel(model)
-        shared, expert = count_parameters(model)
-        logger.info(
-            f"hash_transformer_lm: {shared:,} shared and {expert:,} expert parameters "
-            f"({len(model.decoder.hash_layer_ids)} hash layers at "
-            f"{model.decoder.hash_layer_ids}, {args.hash_experts} experts each)"
-        )
+        log_parameters(model, "hash_transformer_lm", {"decoder": model.decoder})
         return model
 
 
-def _register_presets():
-    """hash_<preset> for every transformer_lm preset, with the same defaults."""
-    from fairseq.models import ARCH_MODEL_NAME_REGISTRY, ARCH_CONFIG_REGISTRY
-
-    for arch, model_name in list(ARCH_MODEL_NAME_REGISTRY.items()):
-        if model_name == "transformer_lm" and arch != "transformer_lm":
-            register_model_architecture("hash_transformer_lm", "hash_" + arch)(
-                ARCH_CONFIG_REGISTRY[arch]
-            )
-
-
-_register_presets()
+register_hash_presets("transformer_lm", "hash_transformer_lm", HashLayerConfig)
