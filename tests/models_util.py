@@ -18,7 +18,7 @@ TINY_SEQ2SEQ = [
 TINY_ROBERTA = [
     "--arch", "hash_roberta", "--encoder-layers", "2", "--encoder-embed-dim", "32",
     "--encoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2", "--hash-experts", "4",
-    "--encoder-hash-layer", "0,-1", "--max-positions", "64",
+    "--encoder-hash-layer", "0,-1", "--max-positions", "64", "--max-tokens", "1024",
 ]
 
 
