@@ -25,6 +25,7 @@ setup(
             "fairseq-hash-report=fairseq_hash.cli.report:main",
             "fairseq-hash-study=fairseq_hash.cli.hash_study:main",
             "fairseq-hash-bench=fairseq_hash.cli.bench:main",
+            "fairseq-hash-upcycle=fairseq_hash.cli.upcycle:main",
         ],
     },
 )
