@@ -41,7 +41,8 @@ class HashTransformerLanguageModel(TransformerLanguageModel):
             if getattr(args, flag, None) is not None:
                 raise HashConfigError(
                     f"--{flag.replace('_', '-')} is for --arch hash_transformer or hash_roberta; "
-                    f"{args.arch} is a decoder-only model: name its hash layers with --hash-layer"
+                    f"hash_transformer_lm is a decoder-only model: name its hash layers with "
+                    f"--hash-layer"
                 )
         model = super().build_model(args, task)
         model.decoder = HashTransformerDecoder.adopt(model.decoder, args, task.target_dictionary)
