@@ -162,10 +162,17 @@ def main(argv=None):
                         help="use at most this many lines (default 0: all)")
     parser.add_argument("--workers", type=int, default=2,
                         help="fairseq-preprocess worker processes (default 2)")
+    parser.add_argument("--next-utterance", action="store_true",
+                        help="build a seq2seq task instead: each line -> the line after it "
+                        "(blank lines separate conversations), for --task translation "
+                        "--source-lang src --target-lang tgt")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
-    path = prepare(args.output_dir, args.text, args.vocab_size, args.valid_pct, args.test_pct,
-                   args.max_lines, args.workers)
+    build = prepare
+    if args.next_utterance:
+        from .next_utterance import prepare_next_utterance as build
+    path = build(args.output_dir, args.text, args.vocab_size, args.valid_pct, args.test_pct,
+                 args.max_lines, args.workers)
     print(path)
 
 
