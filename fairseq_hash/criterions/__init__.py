@@ -1,1 +1,3 @@
-from . import moe_cross_entropy  # noqa: F401  (registers --criterion moe_cross_entropy)
+# registers --criterion moe_cross_entropy, moe_label_smoothed_cross_entropy,
+# moe_sentence_prediction and moe_masked_lm
+from . import moe_criterions, moe_cross_entropy  # noqa: F401
