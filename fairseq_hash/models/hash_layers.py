@@ -60,8 +60,9 @@ class HashRoutingConfig(FairseqDataclass):
         metadata={
             "help": "how the routed layers choose experts: hash (the token's hash, no "
             "parameters), switch (learned top-1 gate), top2 (GShard top-2 gate, "
-            "fairscale's Top2Gate) or base (BASE layers' balanced assignment); learned "
-            "routers need --criterion moe_cross_entropy for their auxiliary loss"
+            "fairscale's Top2Gate) or base (BASE layers' balanced assignment); switch "
+            "and top2 need a moe_ criterion for their auxiliary loss (moe_cross_entropy, "
+            "moe_label_smoothed_cross_entropy, moe_sentence_prediction, moe_masked_lm)"
         },
     )
     capacity_factor: float = field(
