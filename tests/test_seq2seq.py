@@ -1,6 +1,8 @@
 """hash_transformer: encoder and decoder hash layers through fairseq's translation task."""
+import json
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -157,3 +159,17 @@ def test_train_resume_and_generate_through_fairseq_without_environment(pairs, tm
     # fairseq translates 32 of the 39 pairs here, a dense transformer too
     assert len(hyps) == len(sources) >= 30
     assert re.search(r"BLEU4 = [0-9.]+", gen.stdout + gen.stderr)
+
+
+def test_generate_speed_script_prints_both_models(pairs, tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "generate_speed.py")
+    out = str(tmp_path / "rows.json")
+    proc = run([sys.executable, script, pairs, "--updates", "2", "--repeats", "1", "--layers", "1",
+                "--embed-dim", "32", "--ffn-dim", "64", "--experts", "4", "--length", "5",
+                "--json", out])
+    lines = proc.stdout.splitlines()
+    assert lines[1].split()[:3] == ["model", "sentences", "sent/s"]
+    assert [l.split()[0] for l in lines[2:4]] == ["dense", "hash"]
+    rows = json.load(open(out))["rows"]
+    assert rows[0]["ratio"] == 1.0 and rows[1]["sentences_per_s"] > 0
+    assert rows[0]["sentences"] == rows[1]["sentences"] > 0
