@@ -34,6 +34,8 @@ def test_encoder_decoder_flags_on_a_decoder_only_model_are_refused(data_bin, tmp
     (["--decoder-hash-layer", "-3"],
      "--decoder-hash-layer -3 is outside the model: with --decoder-layers 2 valid indices"),
     (["--encoder-hash-layer", "last"], "--encoder-hash-layer 'last': expected comma-separated"),
+    (["--encoder-hash-layer", "", "--decoder-hash-layer", ""],
+     "--encoder-hash-layer and --decoder-hash-layer name no layer"),
 ])
 def test_a_hash_layer_outside_the_model_is_refused(pairs, tmp_path, flags, expected):
     save = str(tmp_path / "ckpt")
