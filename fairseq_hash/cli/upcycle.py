@@ -159,6 +159,11 @@ def main(argv=None):
     parser.add_argument("--data", help="the data folder with the checkpoint's dict.txt, if it "
                         "moved since training (default: the checkpoint's own)")
     args = parser.parse_args(argv)
+    from fairseq_hash.errors import install_excepthook
+
+    # also under `python -m fairseq_hash.cli.upcycle`, where the package is
+    # imported before this module becomes __main__
+    install_excepthook()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
     hash_args = {k: getattr(args, k) for k in LAYER_FLAGS + ["hash_experts", "hash_type",
