@@ -24,9 +24,10 @@ def test_compare_writes_results_with_a_row_per_model(data_bin, tmp_path, capsys)
     for r in rows:
         assert r["ok"] and r["test_ppl"] > 1 and r["valid_ppl"] > 1, r
         assert [u for u, _ in r["curve"]] == [2, 4]
-        train_log = (out / "runs" / r["name"] / "train.log").read_text()
+        run_dir = out / "runs" / r["name"] / "seed1"
+        train_log = (run_dir / "train.log").read_text()
         assert "--optimizer fused_adamw" in train_log.splitlines()[0]  # the command it ran
-        assert (out / "runs" / r["name"] / "eval_test.log").exists()
+        assert (run_dir / "eval_test.log").exists()
         assert r["valid_ppl"] is not None and r["valid_ppl"] > 1
     by = {r["name"]: r for r in rows}
     # same shared model, K experts in the routed layer; one expert (two for top2) a token
@@ -38,7 +39,7 @@ def test_compare_writes_results_with_a_row_per_model(data_bin, tmp_path, capsys)
     for name in models:
         assert f"| {name} |" in table
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert "[3/3 top2] done" in capsys.readouterr().out  # progress on the console
+    assert "[3/3 top2 seed 1] done" in capsys.readouterr().out  # progress on the console
 
 
 def test_compare_runs_every_routed_model_once_per_expert_count():
