@@ -179,7 +179,8 @@ def run_one(cfg, data_bin, out_dir, name, model, k, seed, index, count):
               f"see {run_dir}/train.log", flush=True)
     elif os.path.exists(checkpoint):
         # final numbers from fairseq-eval-lm: it scores every token of the split,
-        # where fairseq-train's validation leaves out the last, partial batch (README)
+        # where fairseq-train's validation drops a last batch whose size is not a
+        # multiple of --required-batch-size-multiple (8), blocks chosen by --seed (README)
         print(f"{tag} evaluating on the valid and test splits", flush=True)
         for subset in ("valid", "test"):
             scored = run_fairseq("fairseq-eval-lm", eval_args(cfg, data_bin, checkpoint, subset),
@@ -301,9 +302,11 @@ def write_markdown(path, rows, settings):
         "(share of expert slots over capacity, training only) are means over training "
         "log intervals after the first. Words/s depends on the machine's load.",
         "",
-        "curves.png: fairseq-train's validation at each validated update (the valid split "
-        "less its last, partial batch), mean over seeds with ± one standard deviation shaded; "
-        "right, each model's over the dense model's of the same seed and update.",
+        "curves.png: fairseq-train's validation at each validated update, mean over seeds "
+        "with ± one standard deviation shaded; right, each model's over the dense model's of "
+        "the same seed and update. fairseq-train validates the whole valid split less a last "
+        "batch whose size is not a multiple of --required-batch-size-multiple (8): here "
+        "blocks that --seed picks, so its numbers differ a little from fairseq-eval-lm's.",
         "",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
         "",
