@@ -8,6 +8,10 @@ import warnings
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"fairscale\.")
 logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
 
+from .fairseq_check import require_fairseq  # noqa: E402
+
+require_fairseq()
+
 from . import safe_globals  # noqa: E402,F401  (before fairseq loads any checkpoint)
 from .errors import install_excepthook  # noqa: E402
 # registers the hash functions, models, criterion and optimizer
