@@ -21,11 +21,11 @@ import logging
 import math
 import os
 import shutil
-import statistics
 import sys
 import time
 
 from .fairseq_runner import device_flags, run_fairseq
+from .seeds import curve_spread, format_spread, mean_sd, plot_spread, relative_curve, seed_list
 from .tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS
 from .user_dir import user_dir
 
@@ -200,33 +200,9 @@ def run_one(cfg, data_bin, out_dir, name, model, k, seed, index, count):
 SPREAD_KEYS = ("valid_ppl", "test_ppl", "train_wps", "aux_loss", "dropped")
 
 
-def mean_sd(values):
-    """(mean, sample standard deviation) of the numbers in ``values``; sd None below two."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
-def relative_curve(run, dense_runs):
-    """``run``'s logged validation perplexity over dense's, same seed and update."""
-    dense = next((dict(r["curve"]) for r in dense_runs if r["seed"] == run["seed"]), {})
-    return [(u, p / dense[u]) for u, p in run["curve"] if u in dense]
-
-
-def curve_spread(curves):
-    """[(update, mean, sd)] over the updates every curve has."""
-    common = set.intersection(*(set(dict(c)) for c in curves)) if curves else set()
-    out = []
-    for u in sorted(common):
-        m, sd = mean_sd([dict(c)[u] for c in curves])
-        out.append((u, m, sd or 0.0))
-    return out
-
-
 def aggregate(runs):
     """One row per model: every seed's numbers as mean and standard deviation."""
-    dense_runs = [r for r in runs if r["model"] == "dense"]
+    dense = {r["seed"]: r["curve"] for r in runs if r["model"] == "dense"}
     rows = []
     for name in dict.fromkeys(r["name"] for r in runs):
         mine = [r for r in runs if r["name"] == name]
@@ -242,9 +218,8 @@ def aggregate(runs):
         spread = curve_spread([r["curve"] for r in ok if r["curve"]])
         row["curve"] = [(u, m) for u, m, _ in spread]
         row["curve_sd"] = [(u, sd) for u, _, sd in spread]
-        relative = curve_spread([relative_curve(r, dense_runs) for r in ok]) \
-            if dense_runs and first["model"] != "dense" else []
-        row["relative_curve"] = [list(p) for p in relative]
+        relative = [relative_curve(r["curve"], dense[r["seed"]]) for r in ok if r["seed"] in dense]
+        row["relative_curve"] = curve_spread(relative) if first["model"] != "dense" else []
         rows.append(row)
     return rows
 
@@ -261,10 +236,9 @@ def _fmt(v, digits=2, pct=False):
 
 def _fmt_spread(row, key, digits=2, pct=False):
     mean, sd = row[key], row[key + "_sd"]
-    if sd is None:
-        return _fmt(mean, digits, pct)
-    scale = 100 if pct else 1
-    return f"{_fmt(mean, digits, pct)} ± {scale * sd:.{digits}f}"
+    if pct:
+        return _fmt(mean, digits, pct) + ("" if sd is None else f" ± {100 * sd:.{digits}f}")
+    return format_spread(mean, sd, digits)
 
 
 def write_markdown(path, rows, settings):
@@ -324,19 +298,11 @@ def write_curves(path, rows):
 
     fig, (ax, rel) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
-        if not r["curve"]:
-            continue
-        xs, ys = zip(*r["curve"])
-        sds = [sd for _, sd in r["curve_sd"]]
-        line, = ax.plot(xs, ys, marker="o", markersize=3, label=r["name"])
-        ax.fill_between(xs, [y - s for y, s in zip(ys, sds)], [y + s for y, s in zip(ys, sds)],
-                        color=line.get_color(), alpha=0.2, linewidth=0)
-        if r["relative_curve"]:
-            xs, ys, sds = zip(*r["relative_curve"])
-            rel.plot(xs, ys, marker="o", markersize=3, label=r["name"], color=line.get_color())
-            rel.fill_between(xs, [y - s for y, s in zip(ys, sds)],
-                             [y + s for y, s in zip(ys, sds)], color=line.get_color(),
-                             alpha=0.2, linewidth=0)
+        style = dict(marker="o", markersize=3, label=r["name"])
+        line = plot_spread(ax, [(u, m, sd) for (u, m), (_, sd) in zip(r["curve"], r["curve_sd"])],
+                           **style)
+        if line is not None:
+            plot_spread(rel, r["relative_curve"], color=line.get_color(), **style)
     seeds = max((len(r["seeds"]) for r in rows), default=1)
     over = f"mean of {seeds} seeds ± sd" if seeds > 1 else "one seed"
     ax.set_ylabel("validation perplexity (fairseq-train's log)")
@@ -475,7 +441,7 @@ def main(argv=None):
     settings["data"] = data_bin
     settings["command"] = " ".join(["fairseq-hash-compare", *(sys.argv[1:] if argv is None else argv)])
     # seed by seed: an interrupted comparison holds whole seeds
-    plan = [(seed, *run) for seed in range(cfg.seed, cfg.seed + cfg.seeds) for run in runs]
+    plan = [(seed, *run) for seed in seed_list(cfg.seed, cfg.seeds) for run in runs]
     done = []
     for i, (seed, name, model, k) in enumerate(plan, 1):
         done.append(run_one(cfg, data_bin, cfg.output_dir, name, model, k, seed, i, len(plan)))

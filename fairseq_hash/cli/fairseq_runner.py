@@ -83,6 +83,12 @@ def _number(value):
         return value
 
 
+def read_log(tool: str, log_path: str) -> FairseqRun:
+    """A finished run's log, read back (a run that exited 0)."""
+    with open(log_path, encoding="utf-8") as f:
+        return FairseqRun(tool, 0, f.readlines(), log_path, None)
+
+
 def run_fairseq(tool: str, args, log_path: str, on_line: Optional[Callable[[str], None]] = None,
                 **env) -> FairseqRun:
     """Run ``tool`` with ``args``; its output goes to ``log_path`` and, line by line, to ``on_line``.
