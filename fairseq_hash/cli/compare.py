@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 
-from .fairseq_runner import device_flags, run_fairseq
+from .fairseq_runner import device_flags, json_record, run_fairseq
 from .seeds import curve_spread, format_spread, mean_sd, plot_spread, relative_curve, seed_list
 from .tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS
 from .user_dir import user_dir
@@ -151,14 +151,13 @@ def summarise(name, model, k, seed, train, eval_ppl, seconds):
 
 def progress_printer(tag, max_update):
     def on_line(line):
-        if "| valid |" in line or "| train_inner |" in line:
-            rec = json.loads(line[line.index("{"):])
-            if "valid_ppl" in rec:
-                print(f"  {tag} update {rec.get('valid_num_updates')}/{max_update}: "
-                      f"valid ppl {rec.get('valid_ppl')}", flush=True)
-            else:
-                print(f"  {tag} update {rec.get('num_updates')}/{max_update}: train ppl "
-                      f"{rec.get('ppl')}, {rec.get('wps')} words/s", flush=True)
+        kind, rec = json_record(line) or (None, None)
+        if kind == "valid":
+            print(f"  {tag} update {rec.get('valid_num_updates'):.0f}/{max_update}: "
+                  f"valid ppl {rec.get('valid_ppl')}", flush=True)
+        elif kind == "train_inner":
+            print(f"  {tag} update {rec.get('num_updates'):.0f}/{max_update}: train ppl "
+                  f"{rec.get('ppl')}, {rec.get('wps')} words/s", flush=True)
 
     return on_line
 
@@ -336,7 +335,8 @@ def build_parser():
         prog="fairseq-hash-compare", description="Train dense, hash and learned-routing language models with identical "
         "settings and tabulate them side by side.")
     p.add_argument("--output-dir", required=True,
-                   help="folder for results.md, results.json, curves.png, data/ and runs/NAME/ logs")
+                   help="folder for results.md, results.json, curves.png, data/ and the "
+                   "runs/NAME/seedS/ logs")
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated models to train, from {','.join(MODELS)} (default: all)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",

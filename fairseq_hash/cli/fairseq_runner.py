@@ -51,12 +51,8 @@ class FairseqRun:
 
     def records(self, tag: str) -> List[dict]:
         """The json lines of one kind (``train_inner``, ``valid``, ``train``), values as numbers."""
-        out = []
-        for line in self.lines:
-            m = _JSON_LINE.search(line)
-            if m and m.group(1) == tag:
-                out.append({k: _number(v) for k, v in json.loads(m.group(2)).items()})
-        return out
+        return [record for kind, record in filter(None, map(json_record, self.lines))
+                if kind == tag]
 
     def parameters(self) -> dict:
         """fairseq-train's ``num. shared/expert model params`` (expert 0 for a dense model)."""
@@ -74,6 +70,14 @@ class FairseqRun:
     def last_line(self) -> str:
         text = "".join(self.lines[-3:]).strip().splitlines()
         return text[-1] if text else ""
+
+
+def json_record(line: str):
+    """``(kind, {key: number})`` of one ``--log-format json`` line, or None for other lines."""
+    m = _JSON_LINE.search(line)
+    if not m:
+        return None
+    return m.group(1), {k: _number(v) for k, v in json.loads(m.group(2)).items()}
 
 
 def _number(value):
