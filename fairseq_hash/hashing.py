@@ -285,65 +285,6 @@ class PositionHash(HashFunction):
         return experts.masked_fill(inputs.pad.unsqueeze(-1), 0)
 
 
-def kmeans(points: torch.Tensor, num_clusters: int, seed: int, iterations: int = 50):
-    """Lloyd's k-means with k-means++ seeding: cluster id ``[V]`` of each point ``[V, d]``.
-
-    Deterministic for a seed. An emptied cluster is re-seeded with the point
-    farthest from its centre, so every cluster id in [0, num_clusters) is used
-    whenever there are at least as many distinct points.
-    """
-    points = points.double()
-    gen = torch.Generator().manual_seed(seed)
-    first = torch.randint(points.size(0), (1,), generator=gen)
-    centres = points[first]
-    for _ in range(1, num_clusters):
-        dist = torch.cdist(points, centres).min(dim=1).values ** 2
-        if float(dist.sum()) == 0:
-            pick = torch.randint(points.size(0), (1,), generator=gen)
-        else:
-            pick = torch.multinomial(dist / dist.sum(), 1, generator=gen)
-        centres = torch.cat([centres, points[pick]])
-    assign = torch.full((points.size(0),), -1, dtype=torch.long)
-    for _ in range(iterations):
-        dist = torch.cdist(points, centres)  # [V, C]
-        new = dist.argmin(dim=1)
-        sizes = torch.bincount(new, minlength=num_clusters)
-        for c in (sizes == 0).nonzero().flatten().tolist():
-            own = dist.gather(1, new.unsqueeze(1)).squeeze(1)
-            own[sizes[new] <= 1] = -1  # never empty another cluster
-            far = int(own.argmax())
-            sizes[new[far]] -= 1
-            new[far], sizes[c] = c, 1
-        if torch.equal(new, assign):
-            break
-        assign = new
-        sums = torch.zeros_like(centres).index_add_(0, assign, points)
-        sizes = torch.bincount(assign, minlength=num_clusters).clamp(min=1).unsqueeze(1)
-        centres = sums / sizes
-    return assign
-
-
-def disperse(clusters: torch.Tensor, counts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Spread each cluster's members over different experts: table ``[V]``.
-
-    Members go, most frequent first, to the lightest expert (by expected
-    token count) among those holding the fewest members of their cluster so
-    far. No two members of a cluster share an expert while the cluster has
-    at most K members; larger ones are spread as evenly as counts allow.
-    """
-    table = torch.zeros(len(clusters), dtype=torch.long)
-    load = [0.0] * num_experts
-    order = sorted(range(len(clusters)), key=lambda i: (-float(counts[i]), i))
-    held = {}  # cluster -> members it has on each expert
-    for token in order:
-        mine = held.setdefault(int(clusters[token]), [0] * num_experts)
-        expert = min(range(num_experts), key=lambda e: (mine[e], load[e], e))
-        table[token] = expert
-        mine[expert] += 1
-        load[expert] += float(counts[token])
-    return table
-
-
 class _EmbeddingHash(HashFunction):
     """Token tables computed from a trained model's input embeddings.
 
@@ -361,29 +302,25 @@ class _EmbeddingHash(HashFunction):
 
     def table_from_embeddings(self, embeddings, counts, num_experts, num_hashes, seed,
                               num_clusters=None):
-        """``embeddings [V, d]``, ``counts [V]`` -> table ``[V, num_hashes]``."""
+        """``embeddings [V, d]``, ``counts [V]`` -> table ``[V, num_hashes]``.
+
+        The k-means lives with the table builders, in ``embedding_tables.py``.
+        """
+        from .embedding_tables import embedding_table
+
         self.num_experts = num_experts
-        columns = []
-        for m in range(num_hashes):
-            clusters = kmeans(embeddings, num_clusters or num_experts, seed + m)
-            columns.append(self.assign(clusters, counts, num_experts))
-        return torch.stack(columns, dim=1)
+        return embedding_table(self.name, embeddings, counts, num_experts, num_hashes, seed,
+                               num_clusters)
 
 
 @register_hash("clustered")
 class ClusteredHash(_EmbeddingHash):
     """One k-means cluster of input embeddings per expert: similar tokens share one."""
 
-    def assign(self, clusters, counts, num_experts):
-        return clusters % num_experts
-
 
 @register_hash("dispersed")
 class DispersedHash(_EmbeddingHash):
     """The clustered hash's clusters, each spread over as many experts as it can be."""
-
-    def assign(self, clusters, counts, num_experts):
-        return disperse(clusters, counts, num_experts)
 
 
 def expected_load(table: torch.Tensor, counts: torch.Tensor, num_experts: int):

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 
+from ..embedding_tables import embedding_table
 from ..errors import HashConfigError, install_excepthook
 from ..hashing import HASH_REGISTRY, build_hash_function, expected_load, token_counts
 from ..table_file import fingerprint_hex, save_table_file
@@ -68,8 +69,8 @@ def build(args):
             )
         if args.clusters is not None and args.clusters < 1:
             raise HashConfigError(f"--clusters {args.clusters}: must be at least 1")
-        table = fn.table_from_embeddings(embeddings, token_counts(dictionary), args.experts,
-                                         args.hashes, args.seed, args.clusters)
+        table = embedding_table(args.type, embeddings, token_counts(dictionary), args.experts,
+                                args.hashes, args.seed, args.clusters)
         source = f"k-means over {EMBEDDING_KEY} of {args.checkpoint}"
     else:
         if not args.data:

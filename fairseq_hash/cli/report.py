@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import warnings
 
 import torch
 
@@ -64,21 +65,25 @@ def collect(model, task, subset="valid", max_tokens=4096, max_batches=0):
     pad = task.dictionary.pad()
     tokens, experts = [], {idx: [] for idx in model.decoder.moe_layers}
     nll, count = 0.0, 0
-    for i, sample in enumerate(batches(task, subset, max_tokens)):
-        if max_batches and i >= max_batches:
-            break
-        src = sample["net_input"]["src_tokens"]  # [B, T]
-        out = model(**sample["net_input"])
-        lprobs = model.get_normalized_probs(out, log_probs=True)  # [B, T, V]
-        target = sample["target"]
-        keep_target = target.ne(pad)
-        nll -= float(lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)[keep_target].sum())
-        count += int(keep_target.sum())
-        flat = src.t().reshape(-1)  # layers see time-major [T, B]
-        keep = flat.ne(pad)
-        tokens.append(flat[keep])
-        for idx, moe in model.decoder.moe_layers.items():
-            experts[idx].append(layer_experts(moe)[keep])
+    with warnings.catch_warnings():
+        # fairseq's loader asks for pinned memory without a GPU, and its
+        # attention passes masks of two dtypes: torch warns about both
+        warnings.simplefilter("ignore", UserWarning)
+        for i, sample in enumerate(batches(task, subset, max_tokens)):
+            if max_batches and i >= max_batches:
+                break
+            src = sample["net_input"]["src_tokens"]  # [B, T]
+            out = model(**sample["net_input"])
+            lprobs = model.get_normalized_probs(out, log_probs=True)  # [B, T, V]
+            target = sample["target"]
+            keep_target = target.ne(pad)
+            nll -= float(lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)[keep_target].sum())
+            count += int(keep_target.sum())
+            flat = src.t().reshape(-1)  # layers see time-major [T, B]
+            keep = flat.ne(pad)
+            tokens.append(flat[keep])
+            for idx, moe in model.decoder.moe_layers.items():
+                experts[idx].append(layer_experts(moe)[keep])
     if not tokens:
         raise HashConfigError(f"--subset {subset} is empty")
     return torch.cat(tokens), {idx: torch.cat(e) for idx, e in experts.items()}, nll / max(count, 1)
@@ -132,12 +137,9 @@ def layer_report(moe, tokens, experts, dictionary, top):
 
 
 def plot_load(entry, title, path):
-    import logging
-
     import matplotlib
 
     matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq logs at DEBUG
     import matplotlib.pyplot as plt
 
     k = entry["num_experts"]
