@@ -155,3 +155,21 @@ def test_cpu_peak_memory_holds_both_hidden_activations_of_a_dense_ffn():
     peak_mb, _ = bench_layer.measure_memory(built["dense"], CPU)
     # fc1's output and relu's output ([S, f] float32 each) are alive together
     assert peak_mb >= 2 * S * f * 4 / 2**20
+
+
+def test_two_rank_layer_benchmark_times_both_exchanges_and_counts_the_traffic(tmp_path):
+    out = tmp_path / "ranks.json"
+    rows = bench.run(["--ranks", "2", "--experts", "4", "--tokens", "32", "--repeat", "1",
+                      "--json", str(out)])
+    assert [r["setting"] for r in rows] == ["1 process, all experts", "2 ranks, alltoall",
+                                            "2 ranks, fairscale MOELayer"]
+    assert all(r["ms"] > 0 for r in rows)
+    # each rank sends 2 blocks there and back, in forward and backward
+    assert rows[0]["rows_sent_per_rank"] == 0 and rows[1]["rows_sent_per_rank"] >= 4 * 32 // 2
+    assert json.loads(out.read_text()) == rows
+
+
+def test_two_rank_count_gathers_are_timed_for_all_layers_and_per_layer():
+    rows = bench.run(["--ranks", "2", "--counts", "--experts", "8", "--layers", "3"])
+    assert {r["setting"] for r in rows} == {"one gather for all layers", "one gather a layer"}
+    assert all(r["us"] > 0 for r in rows)

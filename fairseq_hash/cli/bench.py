@@ -3,9 +3,10 @@
     fairseq-hash-bench                                  # tokens 8192, experts 4,16,64
     fairseq-hash-bench --tokens 2048 8192 --experts 16 --json bench.json
     fairseq-hash-bench --train --experts 16             # whole models through fairseq
+    fairseq-hash-bench --ranks 2 --experts 16           # expert-parallel, 2 gloo ranks
 
 The layer mode is in ``bench_layer.py`` (what each implementation is, how time
-and memory are measured); the train mode in ``bench_train.py``.
+and memory are measured); the train mode in ``bench_train.py``; the 2-rank modes in ``bench_parallel.py``.
 """
 import argparse
 import json
@@ -17,6 +18,7 @@ from typing import List
 import torch
 
 from .bench_layer import LAYER_IMPLS, print_layer_table, run_layers
+from .bench_parallel import run_ranks
 from .bench_train import print_train_table, run_train
 from .tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS
 
@@ -70,6 +72,14 @@ def parse_args(argv=None):
                                                            "fairseq-hash-bench"),
                         help="--train: folder for the prepared data and fairseq's logs "
                         "(default: fairseq-hash-bench in the temporary folder)")
+    parser.add_argument("--ranks", type=int, default=1,
+                        help="2: expert parallelism on 2 gloo processes: the layer (alltoall, "
+                        "fairscale's MOELayer, one process), or with --train fairseq-train's "
+                        "words/s of the hash LM expert-parallel and the dense LM "
+                        "data-parallel; first --experts and --tokens only (default 1)")
+    parser.add_argument("--counts", action="store_true",
+                        help="with --ranks 2: time one all-gather of every hash layer's "
+                        "expert counts against one a layer (--layers of them)")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -91,7 +101,9 @@ def run(argv=None) -> List[dict]:
     dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    if args.train:
+    if args.ranks > 1:
+        rows = run_ranks(args)
+    elif args.train:
         rows = run_train(args, device)
         print_train_table(rows)
     else:
