@@ -350,12 +350,19 @@ def _autocast_by_hand(device_type: str, *tensors):
         yield tuple(t.to(dtype) for t in tensors)
 
 
+def _check_counts(x, counts):
+    if sum(counts) != x.size(0):
+        raise ValueError(f"expert counts {counts} do not cover the {x.size(0)} rows")
+
+
 def grouped_linear(x, weight, bias, counts: List[int]):
+    _check_counts(x, counts)
     with _autocast_by_hand(x.device.type, x, weight, bias) as (x, weight, bias):
         return GroupedLinear.apply(x, weight, bias, counts)
 
 
 def grouped_ffn(x, w1, b1, w2, b2, counts: List[int], activation: str):
+    _check_counts(x, counts)
     with _autocast_by_hand(x.device.type, x, w1, b1, w2, b2) as (x, w1, b1, w2, b2):
         return GroupedFFN.apply(x, w1, b1, w2, b2, counts, activation)
 
