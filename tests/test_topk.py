@@ -304,3 +304,46 @@ def test_a_safetensors_tid2eid_is_read_or_refused_in_one_line(tmp_path):
         return
     save_file({"tid2eid": table}, path)
     assert torch.equal(load_table_file(path, d, "random", 4, 1, topk=2), table)
+
+
+def embeddings_and_counts():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(60, 6, generator=gen), torch.arange(60, 0, -1).double()
+
+
+def test_clustered_top_k_leads_with_the_tokens_own_cluster():
+    embeddings, counts = embeddings_and_counts()
+    fn = build_hash_function("clustered", 8)
+    own = fn.table_from_embeddings(embeddings, counts, 8, 1, seed=3)[:, 0]
+    top = fn.table_from_embeddings(embeddings, counts, 8, 1, seed=3, topk=3)
+    assert top.shape == (60, 3) and (top.sort(-1).values.diff(dim=-1) != 0).all()
+    assert torch.equal(top[:, 0], own)
+
+
+def test_dispersed_top_k_gives_no_two_members_of_a_small_cluster_one_expert():
+    _, counts = embeddings_and_counts()
+    clusters = torch.arange(60) % 20  # 20 clusters of 3 members: 6 slots on 8 experts each
+    top = build_hash_function("dispersed", 8).assign_topk(None, clusters, counts, 8, 2)
+    assert top.shape == (60, 2) and (top.sort(-1).values.diff(dim=-1) != 0).all()
+    for c in range(20):
+        members = top[clusters == c]  # [3, 2]
+        assert members.unique().numel() == 6, c
+
+
+def test_fairseq_hash_table_writes_a_top_k_file_that_training_reads(tmp_path):
+    from fairseq.data import Dictionary
+
+    from fairseq_hash.cli.hash_table import main
+
+    data = hashfns_data_dir(str(tmp_path / "data"))
+    path = str(tmp_path / "b2.json")
+    main(["balanced", "--data", data, "--experts", "4", "--topk", "2", "--output", path])
+    d = Dictionary.load(f"{data}/dict.txt")
+    table = load_table_file(path, d, "balanced", 4, 1, topk=2)
+    assert torch.equal(table, build_function_table(d))
+    with pytest.raises(HashConfigError, match="gives 2 expert\\(s\\) per token but --hash-topk is 1"):
+        load_table_file(path, d, "balanced", 4, 1)
+
+
+def build_function_table(d):
+    return build_hash_function("balanced").build_topk_table(d, 4, 2, seed=1)
