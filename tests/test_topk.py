@@ -347,3 +347,15 @@ def test_fairseq_hash_table_writes_a_top_k_file_that_training_reads(tmp_path):
 
 def build_function_table(d):
     return build_hash_function("balanced").build_topk_table(d, 4, 2, seed=1)
+
+
+def test_the_compare_models_hash_top2_and_hash_shared_build_as_named(tmp_path):
+    from fairseq_hash.cli.compare import MODELS
+
+    data = hashfns_data_dir(str(tmp_path))
+    top2, _ = hashfns_model(data, *MODELS["hash-top2"])
+    router = top2.decoder.moe_layers[1].router
+    assert router.topk == 2 and router.gate.score == "softmax" and router.table.size(1) == 2
+    shared, _ = hashfns_model(data, *[a.format(half_ffn=16) for a in MODELS["hash-shared"]])
+    moe = shared.decoder.moe_layers[1]
+    assert moe.experts.fc1_weight.shape[1] == 16 and moe.shared.fc1.out_features == 16
