@@ -98,7 +98,9 @@ class HashRouter(nn.Module):
         # fairseq's layers see time-major [T, B, d] features, flattened to [T*B, d]
         indices = experts.transpose(0, 1).reshape(-1, experts.size(-1))
         weights = None
-        if self.gate is not None:
+        if x is None:
+            pass  # indices only: the decoder plans expert-parallel exchanges from them
+        elif self.gate is not None:
             weights = self.gate(x, indices)  # [S, k]
         elif self.topk > 1:
             weights = x.new_full(indices.shape, 1.0 / self.topk, dtype=torch.float32)

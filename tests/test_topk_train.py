@@ -108,3 +108,24 @@ def test_training_refuses_a_tid2eid_of_another_vocabulary_in_one_line(data_bin, 
         f"dictionary has {size} symbols (dict.txt plus fairseq's specials and fillers); one row "
         f"per dictionary index is needed")
     assert not os.path.exists(tmp_path / "ckpt" / "checkpoint_last.pt")
+
+
+def test_two_ranks_train_the_top2_model_one_rank_trains_with_update_freq_2(data_bin, tmp_path):
+    from test_expert_parallel import losses, train_on_one_rank, train_on_two_ranks
+
+    # two experts a rank: each token's two slots and their scores cross the all-to-all
+    one = losses(train_on_one_rank(data_bin, str(tmp_path / "one"), *TOP2, "--max-epoch", "1"))
+    two = losses(train_on_two_ranks(data_bin, str(tmp_path / "two"), *TOP2, "--max-epoch", "1"))
+    assert len(two) >= 5 and two == one[:len(two)]
+
+
+def test_checkpoint_activations_train_the_top2_model_alike(data_bin, tmp_path):
+    def train(name, *extra):
+        proc = run([tool("fairseq-train"), data_bin, "--user-dir", user_dir(), *TINY_MODEL,
+                    *TINY_TRAIN, *TOP2, "--max-update", "10", "--log-interval", "1",
+                    "--save-dir", str(tmp_path / name), *extra])
+        return [row["loss"] for row in json_logs(proc.stdout + proc.stderr, "train_inner")]
+
+    # the layer is recomputed in backward: the gate's scores with it, from the same route
+    plain = train("plain")
+    assert len(plain) == 10 and train("recomputed", "--checkpoint-activations") == plain
