@@ -8,6 +8,7 @@ from fairseq.models.transformer import TransformerConfig
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
 from hashfns_util import hashfns_data_dir, hashfns_dictionary, hashfns_model, hashfns_tokens
+from fairseq_hash.embedding_tables import disperse
 from fairseq_hash.errors import HashConfigError
 from fairseq_hash.experts import ExpertFFN
 from fairseq_hash.hashing import (HASH_REGISTRY, RouteInputs, build_hash_function, expected_load,
@@ -323,7 +324,7 @@ def test_clustered_top_k_leads_with_the_tokens_own_cluster():
 def test_dispersed_top_k_gives_no_two_members_of_a_small_cluster_one_expert():
     _, counts = embeddings_and_counts()
     clusters = torch.arange(60) % 20  # 20 clusters of 3 members: 6 slots on 8 experts each
-    top = build_hash_function("dispersed", 8).assign_topk(None, clusters, counts, 8, 2)
+    top = disperse(clusters, counts, 8, slots=2)
     assert top.shape == (60, 2) and (top.sort(-1).values.diff(dim=-1) != 0).all()
     for c in range(20):
         members = top[clusters == c]  # [3, 2]
