@@ -24,7 +24,11 @@ weights) and measures its memory, for:
   capacity C set to the busiest expert's load so that no token is dropped;
 - ``switch``, ``top2``, ``base``: the project's learned routers
   (``fairseq_hash.routers.build_learned_router``) in front of the same
-  dispatch and experts.
+  dispatch and experts;
+- ``hash-top2``: the hash layer with ``--hash-topk 2 --hash-score softmax``
+  (a seeded random table of 2 distinct experts a token, a learned gate);
+- ``floor-top2``: K dense FFNs on 2S/K tokens each, the floor of any top-2
+  layer; ``x floor`` of ``top2`` and ``hash-top2`` is against it.
 
 ``hash``, ``naive`` and ``fairscale`` route identically and compute the same
 outputs. ``peak_mb`` is the memory allocated during one forward and backward
@@ -53,7 +57,9 @@ from torch.utils.benchmark import Timer
 logger = logging.getLogger("fairseq_hash.bench")
 
 LAYER_IMPLS = ("dense", "floor", "hash", "hash-serial", "naive", "fairscale", "switch", "top2",
-               "base")
+               "base", "floor-top2", "hash-top2")
+# the floor each routed layer's "x floor" is taken against: top-2 layers compute 2S rows
+FLOOR_OF = {"top2": "floor-top2", "hash-top2": "floor-top2", "floor-top2": "floor-top2"}
 LEARNED_ROUTERS = ("switch", "top2", "base")
 VOCAB = 32000
 
@@ -182,6 +188,7 @@ def build_case(impls, tokens, experts, embed_dim, ffn_dim, dtype, device, seed=1
     from fairseq_hash import routers
     from fairseq_hash.moe_layer import MoELayer
     from fairseq_hash.routers import HashRouter
+    from fairseq_hash.scores import HashScoreGate
 
     S, K, d, f = tokens, experts, embed_dim, ffn_dim
     batch = 8 if S % 8 == 0 else 1
@@ -210,12 +217,23 @@ def build_case(impls, tokens, experts, embed_dim, ffn_dim, dtype, device, seed=1
                 x = leaf(x0.view(S, d))
                 built[name] = Impl(name, [ffn], [x],
                                    lambda ffn=ffn, x=x: ([ffn(x)], [grad_out.view(S, d)]))
-            elif name == "floor":
+            elif name in ("floor", "floor-top2"):
+                copies = 2 if name == "floor-top2" else 1  # every token computed twice
                 ffns = dense_copies(experts_ffn).to(device)
-                xs = [leaf(p) for p in torch.tensor_split(x0.view(S, d), K)]
-                gs = list(torch.tensor_split(grad_out.view(S, d), K))
-                built[name] = Impl(name, [ffns], xs, lambda ffns=ffns, xs=xs: (
+                xs = [leaf(p) for p in torch.tensor_split(x0.view(S, d).repeat(copies, 1), K)]
+                gs = list(torch.tensor_split(grad_out.view(S, d).repeat(copies, 1), K))
+                built[name] = Impl(name, [ffns], xs, lambda ffns=ffns, xs=xs, gs=gs: (
                     [ffn(x) for ffn, x in zip(ffns, xs)], gs))
+            elif name == "hash-top2":
+                # build_topk_table reads only the length of its dictionary
+                table2 = RandomHash().build_topk_table(range(VOCAB), K, 2, seed)
+                gate = HashScoreGate(d, K, "softmax")
+                nn.init.normal_(gate.weight, std=d ** -0.5, generator=gen)
+                router = HashRouter(RandomHash(), table2, K, 0, topk=2, gate=gate)
+                moe = MoELayer(router.to(device, dtype), experts_ffn)
+                x = leaf(x0)
+                built[name] = Impl(name, [moe], [x],
+                                   lambda moe=moe, x=x: ([moe(x, route)], [grad_out]))
             elif name in ("hash", "hash-serial"):
                 moe = MoELayer(hash_router, experts_ffn)
                 x = leaf(x0)
@@ -405,7 +423,7 @@ def print_layer_table(rows, out=sys.stdout):
     print(f"{'tokens':>7} {'experts':>7}  {'impl':<12} {'ms':>9} {'x dense':>8} "
           f"{'x floor':>8} {'peak_mb':>8} {'act_mb':>7}", file=out)
     for row in rows:
-        floor = [r["ms"] for r in rows if r["impl"] == "floor"
+        floor = [r["ms"] for r in rows if r["impl"] == FLOOR_OF.get(row["impl"], "floor")
                  and (r["experts"], r["tokens"]) == (row["experts"], row["tokens"])]
         x_floor = f"{row['ms'] / floor[0]:8.3f}" if floor else f"{'-':>8}"
         x_dense = f"{row['x_dense']:8.3f}" if row.get("x_dense") else f"{'-':>8}"

@@ -8,7 +8,10 @@ Every model is fairseq's ``transformer_lm`` with the same dimensions, seed,
 data order, batches, updates and learning rate; the routed ones
 (``hash_transformer_lm``) differ only in how the FFN of the ``--hash-layer``
 layers routes tokens over the same K experts: ``hash`` (balanced hash),
-``hash-random``, ``switch``, ``top2``, ``base``. ``dense`` keeps the plain FFN.
+``hash-random``, ``switch``, ``top2``, ``base``, ``hash-top2`` (two hashed
+experts a token, weighed by a learned softmax gate) and ``hash-shared`` (one
+hashed and one shared expert of half the FFN's width each, so a token's
+compute is the dense FFN's). ``dense`` keeps the plain FFN.
 Each run is a ``fairseq-train`` process followed by ``fairseq-eval-lm`` on the
 valid and test splits; their logs stay in ``OUTPUT/runs/NAME/seedS/``. With
 ``--seeds N`` every model trains N times (seeds ``--seed`` to ``--seed`` + N - 1)
@@ -37,9 +40,16 @@ MODELS = {
     "switch": ["--arch", "hash_transformer_lm", "--router", "switch"],
     "top2": ["--arch", "hash_transformer_lm", "--router", "top2"],
     "base": ["--arch", "hash_transformer_lm", "--router", "base"],
+    # DeepSeek-V4's form: k=2 hashed experts weighed by a learned softmax gate
+    "hash-top2": ["--arch", "hash_transformer_lm", "--router", "hash", "--hash-type", "balanced",
+                  "--hash-topk", "2", "--hash-score", "softmax"],
+    # a routed and a shared expert of half width each: a token's compute is the dense FFN's
+    "hash-shared": ["--arch", "hash_transformer_lm", "--router", "hash", "--hash-type", "balanced",
+                    "--hash-shared-experts", "1", "--hash-expert-ffn-dim", "{half_ffn}",
+                    "--hash-shared-ffn-dim", "{half_ffn}"],
 }
 # experts each token is computed by (per routed layer)
-SLOTS = {"top2": 2}
+SLOTS = {"top2": 2, "hash-top2": 2}
 
 PRESETS = {
     # about 2.5 minutes on 2 idle cores for all six models
@@ -90,7 +100,7 @@ def plan_runs(models, experts):
 def train_args(cfg, data_bin, save_dir, model, k, seed):
     """fairseq-train's arguments for one model and seed."""
     args = [data_bin, "--user-dir", user_dir(), "--task", "language_modeling",
-            *MODELS[model],
+            *[arg.format(half_ffn=cfg.ffn_dim // 2) for arg in MODELS[model]],
             "--decoder-layers", cfg.layers, "--decoder-embed-dim", cfg.embed_dim,
             "--decoder-ffn-embed-dim", cfg.ffn_dim,
             "--decoder-attention-heads", cfg.heads, "--dropout", cfg.dropout,

@@ -6,7 +6,8 @@
 
 Trains, with identical data, seed and settings: the model with no hash layer
 (``transformer_lm``), then ``hash_transformer_lm`` with each hash type, MultiHash
-(balanced, ``--hash-count``) and the ``future`` oracle. ``clustered`` and
+(balanced, ``--hash-count``), balanced top-2 (``--hash-topk 2 --hash-score
+softmax``) and the ``future`` oracle. ``clustered`` and
 ``dispersed`` tables come from k-means over the no-hash model's input
 embeddings (``fairseq-hash-table``). Each model is evaluated (its last
 checkpoint, every token of valid and test); the load of its hash layers is
@@ -35,8 +36,8 @@ logger = logging.getLogger("fairseq_hash.hash_study")
 
 # rows in the paper's order of quality (balanced ~ random > dispersed > clustered,
 # bigram, previous, position); the oracle last
-HASH_RUNS = ["balanced", "random", "multihash", "dispersed", "clustered", "bigram", "previous",
-             "position", "future"]
+HASH_RUNS = ["balanced", "random", "multihash", "top2", "dispersed", "clustered", "bigram",
+             "previous", "position", "future"]
 QUICK = dict(updates=30, validate_every=10, embed_dim=32, ffn_dim=64, max_tokens=1024,
              max_lines=1500, vocab_size=500, experts=4, warmup=5)
 
@@ -61,11 +62,13 @@ def run_flags(name, a, tables):
     """Model flags of one row of the study."""
     if name == "dense":
         return ["--arch", "transformer_lm"]
-    hash_type = "balanced" if name == "multihash" else name
+    hash_type = "balanced" if name in ("multihash", "top2") else name
     flags = ["--arch", "hash_transformer_lm", "--user-dir", user_dir(), "--hash-type", hash_type,
              "--hash-experts", a.experts, "--hash-layer", a.hash_layer]
     if name == "multihash":
         flags += ["--hash-count", a.hash_count]
+    if name == "top2":
+        flags += ["--hash-topk", 2, "--hash-score", "softmax"]
     if name in tables:
         flags += ["--hash-file", tables[name]]
     return flags
@@ -166,6 +169,7 @@ def build_tables(data, dense_folder, seed, a):
 
 
 LABELS = {"dense": "no hash layer (transformer_lm)", "multihash": "MultiHash (balanced, N={n})",
+          "top2": "balanced, top-2 experts (softmax scores)",
           "future": "future (oracle: sees the label)"}
 
 

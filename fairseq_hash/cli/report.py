@@ -7,7 +7,8 @@ PNG of the load a hash layer (``load_layer{i}.png``). For every MoE layer:
 tokens per expert and their share, max/mean imbalance (1.0 is perfect), the
 entropy of the load in bits (and divided by log2 K), the most frequent tokens
 of each expert, and the split's perplexity. MultiHash layers are counted per
-expert over all their hashes, and per hash under ``per_hash``. With
+expert over all their hashes, and per hash under ``per_hash``; top-k layers
+(``--hash-topk``) over all k slots of a token, and per slot under ``per_slot``. With
 ``--compare OTHER.pt`` it also reports, per layer, the fraction of tokens
 whose expert differs between the two checkpoints (always 0 for a hash layer
 whose table was kept; useful for learned routers). Padding is never counted.
@@ -132,7 +133,9 @@ def layer_report(moe, tokens, experts, dictionary, top):
         "top_tokens": top_tokens(tokens, experts, num, dictionary, top),
     }
     if experts.size(1) > 1:
-        entry["per_hash"] = [load_stats(experts[:, m], num) for m in range(experts.size(1))]
+        # a token's k experts (--hash-topk), or its N hashes (MultiHash)
+        key = "per_slot" if getattr(router, "topk", 1) > 1 else "per_hash"
+        entry[key] = [load_stats(experts[:, m], num) for m in range(experts.size(1))]
     return entry
 
 

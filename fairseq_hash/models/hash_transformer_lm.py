@@ -84,7 +84,51 @@ class HashLayerConfig(FairseqDataclass):
             "help": "JSON table file from fairseq-hash-table (or your own, see "
             "docs/hash_tables.md) used by every hash layer instead of building one; "
             "its type, expert count and dictionary must match --hash-type, "
-            "--hash-experts and the data"
+            "--hash-experts and the data. A .pt or .safetensors file holding an "
+            "integer tensor tid2eid [vocabulary, --hash-topk] is imported as the table"
+        },
+    )
+    hash_topk: int = field(
+        default=1,
+        metadata={
+            "help": "experts per token k: every hash table gives each token k distinct "
+            "experts, whose outputs are averaged or weighed by --hash-score (default 1: "
+            "the paper's hash layer; not with --hash-count > 1)"
+        },
+    )
+    hash_score: str = field(
+        default="none",
+        metadata={
+            "help": "weights of a token's k experts: none (the paper: plain output for "
+            "k=1, mean for k>1), or a learned linear gate over the hidden state, "
+            "evaluated at the k hashed experts only: softmax, sigmoid or sqrt-softplus "
+            "(normalised over the k when k>1)"
+        },
+    )
+    hash_score_scale: float = field(
+        default=1.0,
+        metadata={"help": "--hash-score: every expert weight is multiplied by this (default 1)"},
+    )
+    hash_shared_experts: int = field(
+        default=0,
+        metadata={
+            "help": "number of shared experts: dense FFNs every token of a hash layer "
+            "passes through, added to the routed experts' output (default 0)"
+        },
+    )
+    hash_shared_ffn_dim: int = field(
+        default=0,
+        metadata={
+            "help": "hidden width of each shared expert (default 0: "
+            "--decoder-ffn-embed-dim)"
+        },
+    )
+    hash_expert_ffn_dim: int = field(
+        default=0,
+        metadata={
+            "help": "hidden width of each routed expert (default 0: "
+            "--decoder-ffn-embed-dim); e.g. half of it, with a shared expert of the "
+            "other half, keeps a token's compute that of the dense FFN"
         },
     )
     moe_expert_parallel_size: int = field(
