@@ -6,14 +6,22 @@ setup(
     description="Hash Layers (Roller et al., 2021) for fairseq Transformers",
     packages=find_packages(include=["fairseq_hash", "fairseq_hash.*"]),
     python_requires=">=3.10",
+    # ranges, not pins: installed into an existing fairseq environment, the
+    # plugin keeps its torch. run/setup.sh installs the exact versions of
+    # run/constraints.txt. fairseq itself is not required here: a fairseq
+    # installed from source (distribution "fairseq") and fairseq-fixed both
+    # provide the module; fairseq_hash checks on import that one works.
     install_requires=[
-        "torch==2.13.0",
-        "fairseq-fixed==0.12.3.1",
-        "numpy<2",
-        "fairscale==0.4.13",
+        "torch>=2.4",  # tested with 2.13.0 only (run/constraints.txt)
+        "numpy<2",  # fairseq's data code calls np.compat.long
+        "fairscale>=0.4.13,<0.5",
         "sentencepiece",
         "matplotlib",
     ],
+    extras_require={
+        # fairseq's main branch, importable on Python 3.11 (fairseq 0.12.2 is not)
+        "fairseq": ["fairseq-fixed>=0.12.3.1"],
+    },
     entry_points={
         "console_scripts": [
             "fairseq-hash-user-dir=fairseq_hash.cli.user_dir:main",

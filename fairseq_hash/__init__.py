@@ -1,12 +1,7 @@
 """fairseq-hash: Hash Layers (Roller et al., NeurIPS 2021) as a fairseq --user-dir plugin."""
-import logging
-import warnings
+from .fairseq_import import import_fairseq
 
-# Where our commands are the first to import fairseq: fairscale 0.4.13 calls
-# torch.cuda.amp functions that torch 2.13 deprecates, and fairseq's
-# text-to-speech task asks for tensorboardX, on import, in every command.
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"fairscale\.")
-logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
+import_fairseq()
 
 from . import safe_globals  # noqa: E402,F401  (before fairseq loads any checkpoint)
 from .errors import install_excepthook, running_as_command  # noqa: E402

@@ -205,8 +205,8 @@ class GroupedLinear(torch.autograd.Function):
         # (or [K, N, out]) -> y: [S, out]
         ctx.save_for_backward(x, weight)
         ctx.counts = counts
-        ctx.kept = kept = sum(counts)
-        ctx.grouped = _use_grouped_mm(x, weight) and weight.dim() == 3 and kept == x.size(0)
+        kept = sum(counts)  # every row: the dispatch hands over kept rows only
+        ctx.grouped = _use_grouped_mm(x, weight) and weight.dim() == 3
         if ctx.grouped:
             ctx.offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
             ctx.rows = torch.repeat_interleave(
@@ -223,8 +223,6 @@ class GroupedLinear(torch.autograd.Function):
                             out=y[lo:hi])
 
         for_expert_groups(x.device, counts, work)
-        if kept < x.size(0):
-            y[kept:] = 0
         return y
 
     @staticmethod
@@ -268,8 +266,6 @@ class GroupedLinear(torch.autograd.Function):
                     torch.sum(g, dim=0, out=_of_expert(grad_b, e, 1))
 
         for_expert_groups(x.device, ctx.counts, work)
-        if grad_x is not None and ctx.kept < x.size(0):
-            grad_x[ctx.kept:] = 0
         return grad_x, grad_w, grad_b, None
 
 
@@ -284,7 +280,6 @@ class GroupedFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, counts, activation):
         # x: [S, d] -> hidden: [S, f] -> y: [S, d]
-        kept = sum(counts)
         hidden = x.new_empty(x.size(0), w1.size(1))
         y = x.new_empty(x.size(0), w2.size(1))
 
@@ -295,10 +290,8 @@ class GroupedFFN(torch.autograd.Function):
                 torch.addmm(b2[e], h, w2[e].t(), out=y[lo:hi])
 
         for_expert_groups(x.device, counts, work)
-        if kept < x.size(0):
-            y[kept:] = 0
         ctx.save_for_backward(x, w1, w2, hidden)
-        ctx.counts, ctx.kept, ctx.activation = counts, kept, activation
+        ctx.counts, ctx.activation = counts, activation
         return y
 
     @staticmethod
@@ -342,8 +335,6 @@ class GroupedFFN(torch.autograd.Function):
                     torch.mm(grad_h, w1[e], out=grad_x[lo:hi])
 
         for_expert_groups(x.device, ctx.counts, work)
-        if grad_x is not None and ctx.kept < x.size(0):
-            grad_x[ctx.kept:] = 0
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
@@ -359,12 +350,19 @@ def _autocast_by_hand(device_type: str, *tensors):
         yield tuple(t.to(dtype) for t in tensors)
 
 
+def _check_counts(x, counts):
+    if sum(counts) != x.size(0):
+        raise ValueError(f"expert counts {counts} do not cover the {x.size(0)} rows")
+
+
 def grouped_linear(x, weight, bias, counts: List[int]):
+    _check_counts(x, counts)
     with _autocast_by_hand(x.device.type, x, weight, bias) as (x, weight, bias):
         return GroupedLinear.apply(x, weight, bias, counts)
 
 
 def grouped_ffn(x, w1, b1, w2, b2, counts: List[int], activation: str):
+    _check_counts(x, counts)
     with _autocast_by_hand(x.device.type, x, w1, b1, w2, b2) as (x, w1, b1, w2, b2):
         return GroupedFFN.apply(x, w1, b1, w2, b2, counts, activation)
 

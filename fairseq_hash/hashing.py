@@ -9,6 +9,7 @@ fine-tuning route every token exactly as training did.
     fn = build_hash_function("balanced")
     table = fn.build_table(dictionary, num_experts=16, num_hashes=1, seed=1)  # [R, N]
     experts = fn.route(table, RouteInputs.from_tokens(tokens, pad, eos))      # [B, T, N]
+    table = fn.build_topk_table(dictionary, num_experts=16, k=2, seed=1)     # [R, k]
 
 A hash function is one small class, registered by name with
 :func:`register_hash`. It builds a table of expert ids once (``[R, N]``: R rows,
@@ -26,6 +27,14 @@ The types (``--hash-type``), by what they look at:
     future      x_{t+1}        the balanced table (an oracle)     [V, N]
     bigram      x_{t-1}, x_t   balanced(x_t) + offset(x_{t-1})    [V, 2N]
     position    t              t mod K, permuted per hash         [K, N]
+
+``--hash-topk k`` sends each token to k distinct experts (``build_topk_table``;
+a table's columns are then the k slots of a token, where MultiHash's are its
+N hashes): random draws k distinct experts, balanced gives each token the k
+lightest experts in its greedy pass, the context hashes look the balanced top-k
+table up on their context token (bigram shifts all k slots by one offset),
+position takes k evenly spaced experts, and the embedding tables come from
+files (``fairseq-hash-table --topk``).
 
 Context is defined once, in :meth:`RouteInputs.from_tokens`, from the tokens
 the decoder receives, so training, ``fairseq-eval-lm`` and incremental
@@ -126,6 +135,10 @@ class HashFunction:
         """Return a LongTensor ``[R, num_hashes]`` of expert ids in [0, num_experts)."""
         raise NotImplementedError
 
+    def build_topk_table(self, dictionary, num_experts: int, k: int, seed: int):
+        """Return ``[R, k]`` (``[R, 2k]`` for bigram): k distinct experts per route."""
+        raise NotImplementedError
+
     def route(self, table: torch.Tensor, inputs: RouteInputs) -> torch.Tensor:
         """Expert ids ``[B, T, N]`` for every position; padding goes to expert 0."""
         experts = table[inputs.tokens]
@@ -154,21 +167,33 @@ class RandomHash(HashFunction):
         gen = torch.Generator().manual_seed(seed)
         return torch.randint(num_experts, (len(dictionary), num_hashes), generator=gen)
 
+    def build_topk_table(self, dictionary, num_experts, k, seed):
+        self.num_experts = num_experts
+        gen = torch.Generator().manual_seed(seed)
+        # the first k of a uniform random permutation per row: k distinct draws
+        keys = torch.rand(len(dictionary), num_experts, generator=gen, dtype=torch.float64)
+        return keys.argsort(dim=1)[:, :k]
 
-def greedy_balance(counts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Most frequent token first, each into the currently lightest expert.
 
+def greedy_balance(counts: torch.Tensor, num_experts: int, slots: int = 1) -> torch.Tensor:
+    """Most frequent token first, each into the ``slots`` currently lightest experts.
+
+    Returns ``[V]`` for one slot, else ``[V, slots]`` (lightest expert first).
     Ties break by token id, then by expert id, so the table is deterministic.
-    The heaviest expert's load is at most the ideal share plus one token's count.
+    Each of a token's slots adds its count to its expert. The loads of any two
+    experts then differ by at most the largest count (a token only ever lifts
+    the lightest ones), so the heaviest expert's load is at most the ideal
+    share plus one token's count, for any number of slots.
     """
     order = sorted(range(len(counts)), key=lambda i: (-float(counts[i]), i))
     heap = [(0.0, e) for e in range(num_experts)]
-    table = torch.zeros(len(counts), dtype=torch.long)
+    table = torch.zeros(len(counts), slots, dtype=torch.long)
     for token in order:
-        load, expert = heapq.heappop(heap)
-        table[token] = expert
-        heapq.heappush(heap, (load + float(counts[token]), expert))
-    return table
+        lightest = [heapq.heappop(heap) for _ in range(slots)]
+        table[token] = torch.tensor([expert for _, expert in lightest])
+        for load, expert in lightest:
+            heapq.heappush(heap, (load + float(counts[token]), expert))
+    return table[:, 0] if slots == 1 else table
 
 
 @register_hash("balanced")
@@ -192,6 +217,10 @@ class BalancedHash(HashFunction):
             column[perm] = greedy_balance(counts[perm], num_experts)
             columns.append(column)
         return torch.stack(columns, dim=1)
+
+    def build_topk_table(self, dictionary, num_experts, k, seed):
+        self.num_experts = num_experts
+        return greedy_balance(token_counts(dictionary), num_experts, slots=k).view(-1, k)
 
 
 class _ContextTokenHash(BalancedHash):
@@ -253,6 +282,13 @@ class BigramHash(BalancedHash):
         offset = torch.randint(num_experts, (len(dictionary), num_hashes), generator=gen)
         return torch.cat([current, offset], dim=1)
 
+    def build_topk_table(self, dictionary, num_experts, k, seed):
+        # one offset shifts all k slots alike, so they stay distinct: [V, 2k]
+        current = super().build_topk_table(dictionary, num_experts, k, seed)
+        gen = torch.Generator().manual_seed(seed)
+        offset = torch.randint(num_experts, (len(dictionary), 1), generator=gen)
+        return torch.cat([current, offset.expand(-1, k)], dim=1)
+
     def route(self, table, inputs):
         if self.num_experts < 1:
             raise ValueError("a bigram hash routes modulo K: build it with num_experts")
@@ -280,68 +316,16 @@ class PositionHash(HashFunction):
             columns.append(torch.randperm(num_experts, generator=gen))
         return torch.stack(columns, dim=1)
 
+    def build_topk_table(self, dictionary, num_experts, k, seed):
+        # slot j of position t: t + j * (K // k), k evenly spaced experts; each
+        # column is a cyclic shift, so every expert serves k of the K rows
+        self.num_experts = num_experts
+        t = torch.arange(num_experts).unsqueeze(1)
+        return (t + torch.arange(k) * (num_experts // k)) % num_experts
+
     def route(self, table, inputs):
         experts = table[inputs.positions % table.size(0)]
         return experts.masked_fill(inputs.pad.unsqueeze(-1), 0)
-
-
-def kmeans(points: torch.Tensor, num_clusters: int, seed: int, iterations: int = 50):
-    """Lloyd's k-means with k-means++ seeding: cluster id ``[V]`` of each point ``[V, d]``.
-
-    Deterministic for a seed. An emptied cluster is re-seeded with the point
-    farthest from its centre, so every cluster id in [0, num_clusters) is used
-    whenever there are at least as many distinct points.
-    """
-    points = points.double()
-    gen = torch.Generator().manual_seed(seed)
-    first = torch.randint(points.size(0), (1,), generator=gen)
-    centres = points[first]
-    for _ in range(1, num_clusters):
-        dist = torch.cdist(points, centres).min(dim=1).values ** 2
-        if float(dist.sum()) == 0:
-            pick = torch.randint(points.size(0), (1,), generator=gen)
-        else:
-            pick = torch.multinomial(dist / dist.sum(), 1, generator=gen)
-        centres = torch.cat([centres, points[pick]])
-    assign = torch.full((points.size(0),), -1, dtype=torch.long)
-    for _ in range(iterations):
-        dist = torch.cdist(points, centres)  # [V, C]
-        new = dist.argmin(dim=1)
-        sizes = torch.bincount(new, minlength=num_clusters)
-        for c in (sizes == 0).nonzero().flatten().tolist():
-            own = dist.gather(1, new.unsqueeze(1)).squeeze(1)
-            own[sizes[new] <= 1] = -1  # never empty another cluster
-            far = int(own.argmax())
-            sizes[new[far]] -= 1
-            new[far], sizes[c] = c, 1
-        if torch.equal(new, assign):
-            break
-        assign = new
-        sums = torch.zeros_like(centres).index_add_(0, assign, points)
-        sizes = torch.bincount(assign, minlength=num_clusters).clamp(min=1).unsqueeze(1)
-        centres = sums / sizes
-    return assign
-
-
-def disperse(clusters: torch.Tensor, counts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Spread each cluster's members over different experts: table ``[V]``.
-
-    Members go, most frequent first, to the lightest expert (by expected
-    token count) among those holding the fewest members of their cluster so
-    far. No two members of a cluster share an expert while the cluster has
-    at most K members; larger ones are spread as evenly as counts allow.
-    """
-    table = torch.zeros(len(clusters), dtype=torch.long)
-    load = [0.0] * num_experts
-    order = sorted(range(len(clusters)), key=lambda i: (-float(counts[i]), i))
-    held = {}  # cluster -> members it has on each expert
-    for token in order:
-        mine = held.setdefault(int(clusters[token]), [0] * num_experts)
-        expert = min(range(num_experts), key=lambda e: (mine[e], load[e], e))
-        table[token] = expert
-        mine[expert] += 1
-        load[expert] += float(counts[token])
-    return table
 
 
 class _EmbeddingHash(HashFunction):
@@ -359,31 +343,29 @@ class _EmbeddingHash(HashFunction):
             f"{num_experts} --output FILE` and train with --hash-file FILE"
         )
 
+    build_topk_table = build_table
+
     def table_from_embeddings(self, embeddings, counts, num_experts, num_hashes, seed,
-                              num_clusters=None):
-        """``embeddings [V, d]``, ``counts [V]`` -> table ``[V, num_hashes]``."""
+                              num_clusters=None, topk=1):
+        """``embeddings [V, d]``, ``counts [V]`` -> table ``[V, num_hashes]`` (or ``[V, topk]``).
+
+        The k-means lives with the table builders, in ``embedding_tables.py``.
+        """
+        from .embedding_tables import embedding_table
+
         self.num_experts = num_experts
-        columns = []
-        for m in range(num_hashes):
-            clusters = kmeans(embeddings, num_clusters or num_experts, seed + m)
-            columns.append(self.assign(clusters, counts, num_experts))
-        return torch.stack(columns, dim=1)
+        return embedding_table(self.name, embeddings, counts, num_experts, num_hashes, seed,
+                               num_clusters, topk)
 
 
 @register_hash("clustered")
 class ClusteredHash(_EmbeddingHash):
     """One k-means cluster of input embeddings per expert: similar tokens share one."""
 
-    def assign(self, clusters, counts, num_experts):
-        return clusters % num_experts
-
 
 @register_hash("dispersed")
 class DispersedHash(_EmbeddingHash):
     """The clustered hash's clusters, each spread over as many experts as it can be."""
-
-    def assign(self, clusters, counts, num_experts):
-        return disperse(clusters, counts, num_experts)
 
 
 def expected_load(table: torch.Tensor, counts: torch.Tensor, num_experts: int):

@@ -52,13 +52,20 @@ class HashRouter(nn.Module):
     checkpoint, together with a fingerprint of the dictionary it was built
     for and the ``--hash-type`` that built it; loading it beside another
     dictionary is refused, and so is resuming it under another hash type.
+
+    With ``topk`` k > 1 (``--hash-topk``) the table's columns are a token's k
+    distinct experts, and their outputs are averaged, or weighed by ``gate``
+    (a :class:`~fairseq_hash.scores.HashScoreGate`, ``--hash-score``).
     """
 
     def __init__(self, hash_fn: HashFunction, table: torch.Tensor, num_experts: int,
-                 dict_fingerprint: int, missing_file: str = None):
+                 dict_fingerprint: int, missing_file: str = None, topk: int = 1,
+                 gate: nn.Module = None):
         super().__init__()
         self.hash_fn = hash_fn
         self.num_experts = num_experts
+        self.topk = topk
+        self.gate = gate
         self.register_buffer("table", table.long())
         self.register_buffer("dict_fingerprint", torch.tensor([dict_fingerprint]))
         self.register_buffer("hash_type_id", torch.tensor([hash_type_id(hash_fn.name)]))
@@ -66,10 +73,11 @@ class HashRouter(nn.Module):
         self.missing_file = missing_file
 
     @classmethod
-    def awaiting_checkpoint(cls, hash_fn, num_experts, dict_fingerprint, hash_file, count=1):
+    def awaiting_checkpoint(cls, hash_fn, num_experts, dict_fingerprint, hash_file, count=1,
+                            **kwargs):
         """A router whose ``--hash-file`` is gone: usable once a checkpoint gives its table."""
         table = torch.zeros(0, count * hash_fn.columns_per_hash, dtype=torch.long)
-        return cls(hash_fn, table, num_experts, dict_fingerprint, missing_file=hash_file)
+        return cls(hash_fn, table, num_experts, dict_fingerprint, missing_file=hash_file, **kwargs)
 
     def missing_table_error(self) -> HashConfigError:
         return HashConfigError(f"--hash-file {self.missing_file}: no such file (and no "
@@ -89,7 +97,14 @@ class HashRouter(nn.Module):
         experts = self.hash_fn.route(self.table, route)  # [B, T, N]
         # fairseq's layers see time-major [T, B, d] features, flattened to [T*B, d]
         indices = experts.transpose(0, 1).reshape(-1, experts.size(-1))
-        return RouterOutput(indices=indices)
+        weights = None
+        if x is None:
+            pass  # indices only: the decoder plans expert-parallel exchanges from them
+        elif self.gate is not None:
+            weights = self.gate(x, indices)  # [S, k]
+        elif self.topk > 1:
+            weights = x.new_full(indices.shape, 1.0 / self.topk, dtype=torch.float32)
+        return RouterOutput(indices=indices, weights=weights)
 
     def upgrade_state_dict_named(self, state_dict, name):
         """Refuse a checkpoint whose table was built for another dictionary or K."""

@@ -10,6 +10,7 @@ A table file is one JSON object (see ``docs/hash_tables.md``)::
       "type": "clustered",             # a --hash-type; says how rows are looked up
       "num_experts": 16,               # K: every entry is in [0, K)
       "num_hashes": 1,                 # N of MultiHash (--hash-count)
+      "topk": 1,                       # k experts per token (--hash-topk); 1 if absent
       "dictionary_size": 2000,         # V, rows of a token table
       "dictionary_fingerprint": "0a1b2c3d4e5f607",
       "source": "free text: how the table was made",
@@ -22,6 +23,12 @@ is the first 15 hex digits of the SHA-1 of the dictionary's symbols joined by
 newlines (:func:`hashing.dictionary_fingerprint`); ``fairseq-hash-table
 fingerprint --data DATA-BIN`` prints it. Loading checks every field against the
 model being built and refuses a mismatch with a one-line error naming the file.
+
+A table made elsewhere (DeepSeek-V4's ``tid2eid``, a token -> k experts
+tensor) is imported from a ``.pt`` or ``.safetensors`` file holding an
+integer tensor ``[V, k]`` under the key ``tid2eid`` (or one key ending in
+``.tid2eid``; a ``.pt`` may also hold the bare tensor): see
+:func:`load_tid2eid`. Its rows are checked against the dictionary's size only.
 """
 import json
 import os
@@ -32,6 +39,8 @@ from .errors import HashConfigError
 from .hashing import HASH_REGISTRY, dictionary_fingerprint
 
 FORMAT, VERSION = "fairseq-hash-table", 1
+TENSOR_SUFFIXES = (".pt", ".safetensors")
+TID2EID = "tid2eid"
 
 
 def fingerprint_hex(dictionary) -> str:
@@ -39,15 +48,16 @@ def fingerprint_hex(dictionary) -> str:
 
 
 def save_table_file(path, table: torch.Tensor, hash_type: str, num_experts: int, dictionary,
-                    source: str = ""):
-    """Write ``table [R, N * columns_per_hash]`` with what it was built for."""
+                    source: str = "", topk: int = 1):
+    """Write ``table [R, N * columns_per_hash]`` (or ``[R, k * columns_per_hash]``)."""
     cls = HASH_REGISTRY[hash_type]
     doc = {
         "format": FORMAT,
         "version": VERSION,
         "type": hash_type,
         "num_experts": int(num_experts),
-        "num_hashes": table.size(1) // cls.columns_per_hash,
+        "num_hashes": table.size(1) // cls.columns_per_hash // topk,
+        "topk": int(topk),
         "dictionary_size": len(dictionary),
         "dictionary_fingerprint": fingerprint_hex(dictionary),
         "source": source,
@@ -90,8 +100,11 @@ def read_table_file(path):
     return doc
 
 
-def load_table_file(path, dictionary, hash_type: str, num_experts: int, num_hashes: int):
-    """The table ``[R, N * columns_per_hash]`` of a file built for this model, or an error."""
+def load_table_file(path, dictionary, hash_type: str, num_experts: int, num_hashes: int,
+                    topk: int = 1):
+    """The table ``[R, N * columns_per_hash]`` (or ``[R, k * ...]``) of a file, or an error."""
+    if path.endswith(TENSOR_SUFFIXES):
+        return load_tid2eid(path, dictionary, hash_type, num_experts, topk)
     doc = read_table_file(path)
     if doc["type"] != hash_type:
         raise HashConfigError(
@@ -120,22 +133,102 @@ def load_table_file(path, dictionary, hash_type: str, num_experts: int, num_hash
             f"--hash-file {path} holds {doc['num_hashes']} hash(es) but --hash-count is "
             f"{num_hashes}; pass --hash-count {doc['num_hashes']} or rebuild with --hashes"
         )
+    if int(doc.get("topk", 1)) != topk:
+        raise HashConfigError(
+            f"--hash-file {path} gives {doc.get('topk', 1)} expert(s) per token but --hash-topk "
+            f"is {topk}; pass --hash-topk {doc.get('topk', 1)} or rebuild with --topk"
+        )
     cls = HASH_REGISTRY[hash_type]
     try:
         table = torch.tensor(doc["table"], dtype=torch.long)
     except (TypeError, ValueError) as e:
         raise HashConfigError(f"--hash-file {path}: \"table\" is not a list of integer rows ({e})") from None
-    columns = num_hashes * cls.columns_per_hash
+    columns = num_hashes * topk * cls.columns_per_hash
     rows = len(dictionary) if cls.token_rows else None
     if table.dim() != 2 or table.size(1) != columns or (rows and table.size(0) != rows) \
             or table.size(0) == 0:
+        what = f"{topk} experts a token" if topk > 1 else f"{num_hashes} {hash_type} hash(es)"
         raise HashConfigError(
             f"--hash-file {path}: table is {list(table.shape)}, expected "
-            f"[{rows or 'R'}, {columns}] for {num_hashes} {hash_type} hash(es)"
+            f"[{rows or 'R'}, {columns}] for {what}"
         )
+    check_entries(path, table, num_experts, topk)
+    return table
+
+
+def check_entries(path, table: torch.Tensor, num_experts: int, topk: int):
     if int(table.min()) < 0 or int(table.max()) >= num_experts:
         raise HashConfigError(
             f"--hash-file {path}: entries must lie in [0, {num_experts}), found "
             f"{int(table.min())}..{int(table.max())}"
         )
+    if topk > 1:
+        repeats = (table[:, :topk].sort(dim=1).values.diff(dim=1) == 0).any(dim=1)
+        if repeats.any():
+            raise HashConfigError(
+                f"--hash-file {path}: row {int(repeats.nonzero()[0])} names an expert twice; "
+                f"each token's {topk} experts must be distinct"
+            )
+
+
+def read_tensor_file(path) -> dict:
+    """The tensors of a ``.pt`` or ``.safetensors`` file, by name."""
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise HashConfigError(
+                f"--hash-file {path}: reading .safetensors needs the safetensors package "
+                f"(pip install safetensors), or save the table with torch.save as .pt"
+            ) from None
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors raises its own error types
+            raise HashConfigError(f"--hash-file {path}: not a safetensors file ({e})") from None
+    try:
+        # weights_only: a table file must not be able to run code when loaded
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises pickle, zip and runtime errors alike
+        raise HashConfigError(f"--hash-file {path}: torch.load could not read it "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if isinstance(loaded, torch.Tensor):
+        return {TID2EID: loaded}
+    if not isinstance(loaded, dict):
+        raise HashConfigError(f"--hash-file {path}: holds a {type(loaded).__name__}; expected "
+                              f"a tensor or a dict with key {TID2EID!r}")
+    return loaded
+
+
+def load_tid2eid(path, dictionary, hash_type: str, num_experts: int, topk: int):
+    """Import a token -> experts tensor ``tid2eid [V, k]`` as the table of a token hash."""
+    cls = HASH_REGISTRY[hash_type]
+    if not cls.token_rows or cls.columns_per_hash != 1:
+        raise HashConfigError(
+            f"--hash-file {path}: a {TID2EID} table maps token ids to experts; --hash-type "
+            f"{hash_type} needs another table (use random, balanced, clustered or dispersed)"
+        )
+    tensors = read_tensor_file(path)
+    names = [n for n in tensors if n == TID2EID] or [n for n in tensors
+                                                     if n.endswith("." + TID2EID)]
+    if len(names) != 1:
+        raise HashConfigError(
+            f"--hash-file {path}: expected one tensor named {TID2EID!r} (or ending in "
+            f"'.{TID2EID}'), found {len(names)} among {sorted(tensors)[:5]}"
+        )
+    table = tensors[names[0]]
+    if not isinstance(table, torch.Tensor) or table.is_floating_point() or table.is_complex() \
+            or table.dtype == torch.bool:
+        raise HashConfigError(f"--hash-file {path}: {names[0]} must be an integer tensor, "
+                              f"found {getattr(table, 'dtype', type(table).__name__)}")
+    table = table.long().reshape(table.size(0), -1) if table.dim() == 1 else table.long()
+    if table.dim() != 2 or table.size(1) != topk:
+        raise HashConfigError(f"--hash-file {path}: {names[0]} is {list(table.shape)}, expected "
+                              f"[vocabulary, --hash-topk {topk}]")
+    if table.size(0) != len(dictionary):
+        raise HashConfigError(
+            f"--hash-file {path}: {names[0]} has {table.size(0)} rows but the dictionary has "
+            f"{len(dictionary)} symbols (dict.txt plus fairseq's specials and fillers); "
+            f"one row per dictionary index is needed"
+        )
+    check_entries(path, table, num_experts, topk)
     return table

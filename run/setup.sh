@@ -6,8 +6,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="${PYTHON:-python3.11}"
 STAMP="$VENV/.fairseq-hash-setup"
-# Bump when the pins below change, so existing venvs are brought up to date.
-SETUP_VERSION=1
+# Bump when run/constraints.txt or the installs below change, so existing venvs
+# are brought up to date.
+SETUP_VERSION=2
 
 if ! command -v "$PY" >/dev/null 2>&1; then
   echo "run/setup.sh: $PY not found; install Python 3.11 or set PYTHON=/path/to/python3.11" >&2
@@ -29,15 +30,15 @@ pip_install() {
   "${PIP[@]}" install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 pip_install --upgrade "pip<26" setuptools wheel
-# torch first and pinned: the CPU build of 2.13.0 is at hand; an open range
-# would pull a multi-GB CUDA build.
-pip_install "torch==2.13.0" "numpy<2" cython
+# every version below comes from run/constraints.txt
+PINS=(-c "$ROOT/run/constraints.txt")
+# torch first: the pinned CPU build; an open range would pull a multi-GB CUDA build.
+pip_install "${PINS[@]}" torch numpy cython
 # fairseq-fixed builds C++ extensions against the torch above (about 5 minutes,
 # cached by pip afterwards).
-pip_install --no-build-isolation "fairseq-fixed==0.12.3.1" \
-  "hydra-core==1.3.2" "omegaconf==2.3.0" "torch==2.13.0" "numpy<2"
-pip_install "fairscale==0.4.13" --no-deps
-pip_install sentencepiece matplotlib pytest "torch==2.13.0" "numpy<2"
-pip_install --no-build-isolation --no-deps -e "$ROOT"
+pip_install "${PINS[@]}" --no-build-isolation fairseq-fixed hydra-core omegaconf torch numpy
+pip_install "${PINS[@]}" fairscale --no-deps
+pip_install "${PINS[@]}" sentencepiece matplotlib pytest torch numpy
+pip_install "${PINS[@]}" --no-build-isolation --no-deps -e "$ROOT"
 echo "$SETUP_VERSION" > "$STAMP"
 echo "run/setup.sh: environment ready in $VENV"

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fairseq_hash.cli import bench
+from fairseq_hash.cli import bench, bench_layer
 
 TINY = ["--tokens", "64", "--experts", "2", "4", "--embed-dim", "8", "--ffn-dim", "16",
         "--repeat", "1", "--threads", "1"]
@@ -23,7 +23,7 @@ def test_layer_benchmark_writes_a_json_row_per_implementation_and_size(tmp_path)
         assert {"impl", "experts", "tokens", "ms", "peak_mb"} <= set(row)
         assert row["ms"] > 0 and row["tokens"] == 64
         assert row["peak_mb"] is None or row["peak_mb"] >= 0
-    expected = {"dense", "floor", "hash", "naive", "fairscale"} | set(bench.LEARNED_ROUTERS)
+    expected = {"dense", "floor", "hash", "naive", "fairscale"} | set(bench_layer.LEARNED_ROUTERS)
     for K in (2, 4):
         assert {r["impl"] for r in rows if r["experts"] == K} >= expected
 
@@ -52,7 +52,7 @@ def outputs_and_expert_grads(impl, S, d):
 
 def test_hash_naive_and_fairscale_route_and_compute_alike():
     S, K, d, f = 96, 4, 8, 16
-    built, notes = bench.build_case(["hash", "naive", "fairscale"], S, K, d, f,
+    built, notes = bench_layer.build_case(["hash", "naive", "fairscale"], S, K, d, f,
                                     torch.float32, CPU)
     assert not notes
     ref = outputs_and_expert_grads(built["hash"], S, d)
@@ -67,8 +67,8 @@ def test_hash_naive_and_fairscale_route_and_compute_alike():
 def test_hash_activation_memory_does_not_grow_with_experts():
     saved = []
     for K in (2, 16):
-        built, _ = bench.build_case(["hash"], 256, K, 16, 32, torch.float32, CPU)
-        saved.append(bench.measure_memory(built["hash"], CPU)[1])
+        built, _ = bench_layer.build_case(["hash"], 256, K, 16, 32, torch.float32, CPU)
+        saved.append(bench_layer.measure_memory(built["hash"], CPU)[1])
     assert saved[0] == saved[1] > 0
 
 
@@ -79,7 +79,7 @@ def test_a_router_that_cannot_be_built_is_skipped_with_a_note(monkeypatch):
         raise LookupError(f"no {name} router here")
 
     monkeypatch.setattr(routers, "build_learned_router", unavailable)
-    built, notes = bench.build_case(["hash", "switch"], 32, 2, 8, 16, torch.float32, CPU)
+    built, notes = bench_layer.build_case(["hash", "switch"], 32, 2, 8, 16, torch.float32, CPU)
     assert "hash" in built and "switch" not in built and "switch" in notes["switch"]
 
 
@@ -119,7 +119,7 @@ def test_a_learned_router_is_benchmarked_with_gradients_reaching_its_gate(monkey
             return routers.RouterOutput(indices=index[:, None], weights=weight[:, None])
 
     monkeypatch.setattr(routers, "SwitchRouter", SwitchRouter, raising=False)
-    built, notes = bench.build_case(["switch"], 32, 4, 8, 16, torch.float32, CPU)
+    built, notes = bench_layer.build_case(["switch"], 32, 4, 8, 16, torch.float32, CPU)
     assert not notes
     built["switch"].step()
     assert built["switch"].modules[0].router.gate.weight.grad is not None
@@ -146,3 +146,30 @@ def test_train_phases_script_prints_each_phase_of_an_update(data_bin):
     assert "parameters; median ms:" in out
     for phase in ("fwd+bwd", "optimizer", "clip", "zero_grad", "update"):
         assert f"{phase} " in out
+
+
+def test_cpu_peak_memory_holds_both_hidden_activations_of_a_dense_ffn():
+    S, f = 1024, 256
+    built, _ = bench_layer.build_case(["dense"], S, 2, 64, f, torch.float32, CPU)
+    built["dense"].step()
+    peak_mb, _ = bench_layer.measure_memory(built["dense"], CPU)
+    # fc1's output and relu's output ([S, f] float32 each) are alive together
+    assert peak_mb >= 2 * S * f * 4 / 2**20
+
+
+def test_two_rank_layer_benchmark_times_both_exchanges_and_counts_the_traffic(tmp_path):
+    out = tmp_path / "ranks.json"
+    rows = bench.run(["--ranks", "2", "--experts", "4", "--tokens", "32", "--repeat", "1",
+                      "--json", str(out)])
+    assert [r["setting"] for r in rows] == ["1 process, all experts", "2 ranks, alltoall",
+                                            "2 ranks, fairscale MOELayer"]
+    assert all(r["ms"] > 0 for r in rows)
+    # each rank sends 2 blocks there and back, in forward and backward
+    assert rows[0]["rows_sent_per_rank"] == 0 and rows[1]["rows_sent_per_rank"] >= 4 * 32 // 2
+    assert json.loads(out.read_text()) == rows
+
+
+def test_two_rank_count_gathers_are_timed_for_all_layers_and_per_layer():
+    rows = bench.run(["--ranks", "2", "--counts", "--experts", "8", "--layers", "3"])
+    assert {r["setting"] for r in rows} == {"one gather for all layers", "one gather a layer"}
+    assert all(r["us"] > 0 for r in rows)

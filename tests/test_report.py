@@ -3,6 +3,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -41,6 +43,18 @@ def test_report_writes_json_and_a_plot_per_layer(tmp_path, corpus, multihash_che
     assert "perplexity" in proc.stdout and math.isfinite(result["perplexity"])
 
 
+def test_report_prints_its_summary_and_nothing_else(tmp_path, corpus, multihash_checkpoint):
+    # as a user runs it: warnings not silenced by PYTHONWARNINGS
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "fairseq-hash-report"),
+                           multihash_checkpoint, corpus, "--output-dir", str(tmp_path / "report")],
+                          capture_output=True, text=True, env=env, check=True)
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("valid: ") and lines[-1].endswith("routing.json")
+    assert all(line.startswith("layer ") for line in lines[1:-1]) and len(lines) == 4
+    assert proc.stderr.strip() == ""  # no debug lines, no library warnings
+
+
 def test_load_statistics_of_a_known_routing():
     import torch
 
@@ -76,4 +90,4 @@ def test_hash_study_writes_its_table_and_plot(tmp_path):
     rows = json.loads((work / "results.json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["dense", "balanced", "clustered"]
     assert all(len(r["valid_curve"]) == 2 and math.isfinite(r["test_ppl"]) for r in rows)
-    assert (work / "tables" / "clustered-4.json").is_file()
+    assert (work / "tables" / "clustered-4-seed1.json").is_file()

@@ -8,25 +8,29 @@ Every model is fairseq's ``transformer_lm`` with the same dimensions, seed,
 data order, batches, updates and learning rate; the routed ones
 (``hash_transformer_lm``) differ only in how the FFN of the ``--hash-layer``
 layers routes tokens over the same K experts: ``hash`` (balanced hash),
-``hash-random``, ``switch``, ``top2``, ``base``. ``dense`` keeps the plain FFN.
+``hash-random``, ``switch``, ``top2``, ``base``, ``hash-top2`` (two hashed
+experts a token, weighed by a learned softmax gate) and ``hash-shared`` (one
+hashed and one shared expert of half the FFN's width each, so a token's
+compute is the dense FFN's). ``dense`` keeps the plain FFN.
 Each run is a ``fairseq-train`` process followed by ``fairseq-eval-lm`` on the
-test split; their logs stay in ``OUTPUT/runs/NAME/``. The results go to
-``OUTPUT/results.md``, ``OUTPUT/results.json`` and ``OUTPUT/curves.png``.
+valid and test splits; their logs stay in ``OUTPUT/runs/NAME/seedS/``. With
+``--seeds N`` every model trains N times (seeds ``--seed`` to ``--seed`` + N - 1)
+and the tables give each number's mean and standard deviation. The results go
+to ``OUTPUT/results.md``, ``OUTPUT/results.json`` and ``OUTPUT/curves.png``.
 """
 import argparse
 import json
 import logging
 import math
 import os
-import re
 import shutil
-import subprocess
 import sys
 import time
 
-from .tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS, tool_env
-
-logger = logging.getLogger("fairseq_hash.compare")
+from .fairseq_runner import device_flags, json_record, run_fairseq
+from .seeds import curve_spread, format_spread, mean_sd, plot_spread, relative_curve, seed_list
+from .tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS
+from .user_dir import user_dir
 
 # model name -> fairseq-train arguments that make it
 MODELS = {
@@ -36,9 +40,16 @@ MODELS = {
     "switch": ["--arch", "hash_transformer_lm", "--router", "switch"],
     "top2": ["--arch", "hash_transformer_lm", "--router", "top2"],
     "base": ["--arch", "hash_transformer_lm", "--router", "base"],
+    # DeepSeek-V4's form: k=2 hashed experts weighed by a learned softmax gate
+    "hash-top2": ["--arch", "hash_transformer_lm", "--router", "hash", "--hash-type", "balanced",
+                  "--hash-topk", "2", "--hash-score", "softmax"],
+    # a routed and a shared expert of half width each: a token's compute is the dense FFN's
+    "hash-shared": ["--arch", "hash_transformer_lm", "--router", "hash", "--hash-type", "balanced",
+                    "--hash-shared-experts", "1", "--hash-expert-ffn-dim", "{half_ffn}",
+                    "--hash-shared-ffn-dim", "{half_ffn}"],
 }
 # experts each token is computed by (per routed layer)
-SLOTS = {"top2": 2}
+SLOTS = {"top2": 2, "hash-top2": 2}
 
 PRESETS = {
     # about 2.5 minutes on 2 idle cores for all six models
@@ -50,11 +61,6 @@ PRESETS = {
                     experts="16", hash_layer="-1", tokens_per_sample=128, max_tokens=2048,
                     max_update=400, validate_every=50, lr=0.002, warmup_updates=50, dropout=0.1),
 }
-
-TRAIN_LINE = re.compile(r"\| (train_inner|valid|train) \| (\{.*\})\s*$")
-PARAMS_LINE = re.compile(r"num\. (shared|expert) model params: ([\d,]+)")
-PPL_LINE = re.compile(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+|inf|nan)")
-
 
 class CompareError(Exception):
     """Bad input: printed as one line naming the flag or file."""
@@ -91,169 +97,140 @@ def plan_runs(models, experts):
     return runs
 
 
-def train_command(cfg, data_bin, save_dir, model, k):
-    cmd = [sys.executable, "-m", "fairseq_cli.train", data_bin,
-           "--user-dir", user_dir(), "--task", "language_modeling",
-           *MODELS[model],
-           "--decoder-layers", str(cfg.layers), "--decoder-embed-dim", str(cfg.embed_dim),
-           "--decoder-ffn-embed-dim", str(cfg.ffn_dim),
-           "--decoder-attention-heads", str(cfg.heads), "--dropout", str(cfg.dropout),
-           "--share-decoder-input-output-embed",
-           "--tokens-per-sample", str(cfg.tokens_per_sample), "--max-tokens", str(cfg.max_tokens),
-           "--sample-break-mode", "none",
-           "--optimizer", cfg.optimizer, "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
-           "--lr", str(cfg.lr), "--lr-scheduler", "inverse_sqrt",
-           "--warmup-updates", str(cfg.warmup_updates), "--warmup-init-lr", "1e-07",
-           "--max-update", str(cfg.max_update), "--validate-interval-updates", str(cfg.validate_every),
-           "--criterion", "moe_cross_entropy", "--moe-aux-loss-weight", str(cfg.aux_loss_weight),
-           "--seed", str(cfg.seed), "--num-workers", "0", "--log-format", "json",
-           "--log-interval", str(max(1, cfg.validate_every // 2)),
-           "--save-dir", save_dir, "--no-epoch-checkpoints", "--no-save-optimizer-state"]
+def train_args(cfg, data_bin, save_dir, model, k, seed):
+    """fairseq-train's arguments for one model and seed."""
+    args = [data_bin, "--user-dir", user_dir(), "--task", "language_modeling",
+            *[arg.format(half_ffn=cfg.ffn_dim // 2) for arg in MODELS[model]],
+            "--decoder-layers", cfg.layers, "--decoder-embed-dim", cfg.embed_dim,
+            "--decoder-ffn-embed-dim", cfg.ffn_dim,
+            "--decoder-attention-heads", cfg.heads, "--dropout", cfg.dropout,
+            "--share-decoder-input-output-embed",
+            "--tokens-per-sample", cfg.tokens_per_sample, "--max-tokens", cfg.max_tokens,
+            "--sample-break-mode", "none",
+            "--optimizer", cfg.optimizer, "--adam-betas", "(0.9, 0.98)", "--clip-norm", "1.0",
+            "--lr", cfg.lr, "--lr-scheduler", "inverse_sqrt",
+            "--warmup-updates", cfg.warmup_updates, "--warmup-init-lr", "1e-07",
+            "--max-update", cfg.max_update, "--validate-interval-updates", cfg.validate_every,
+            "--criterion", "moe_cross_entropy", "--moe-aux-loss-weight", cfg.aux_loss_weight,
+            "--seed", seed, "--num-workers", "0", "--log-format", "json",
+            "--log-interval", max(1, cfg.validate_every // 2),
+            "--save-dir", save_dir, "--no-epoch-checkpoints", "--no-save-optimizer-state",
+            *device_flags()]
     if k is not None:
-        cmd += ["--hash-experts", str(k), "--hash-layer", cfg.hash_layer,
-                "--capacity-factor", str(cfg.capacity_factor)]
-    if not cuda_available():
-        cmd.append("--cpu")
-    return cmd
+        args += ["--hash-experts", k, "--hash-layer", cfg.hash_layer,
+                 "--capacity-factor", cfg.capacity_factor]
+    return [str(a) for a in args]
 
 
-def eval_command(cfg, data_bin, checkpoint, subset="test"):
-    cmd = [sys.executable, "-m", "fairseq_cli.eval_lm", data_bin, "--path", checkpoint,
-           "--user-dir", user_dir(), "--task", "language_modeling", "--gen-subset", subset,
-           "--tokens-per-sample", str(cfg.tokens_per_sample), "--max-tokens", str(cfg.max_tokens),
-           "--sample-break-mode", "none", "--num-workers", "0"]
-    if not cuda_available():
-        cmd.append("--cpu")
-    return cmd
+def eval_args(cfg, data_bin, checkpoint, subset="test"):
+    return [str(a) for a in [
+        data_bin, "--path", checkpoint, "--user-dir", user_dir(), "--task", "language_modeling",
+        "--gen-subset", subset, "--tokens-per-sample", cfg.tokens_per_sample,
+        "--max-tokens", cfg.max_tokens, "--sample-break-mode", "none", "--num-workers", "0",
+        *device_flags()]]
 
 
-def user_dir():
-    from .user_dir import user_dir as path
-
-    return path()
-
-
-def cuda_available():
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def run_logged(cmd, log_path, on_line=None):
-    """Run ``cmd``, writing its output to ``log_path``; returns (exit code, lines)."""
-    lines = []
-    with open(log_path, "w", encoding="utf-8") as log:
-        log.write("# " + " ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=tool_env(), bufsize=1)
-        for line in proc.stdout:
-            log.write(line)
-            lines.append(line)
-            if on_line:
-                on_line(line)
-        return proc.wait(), lines
-
-
-def parse_train_log(lines):
-    """Curves and totals from a fairseq-train log written with --log-format json."""
-    out = {"valid": [], "train_inner": [], "shared_params": None, "expert_params": 0}
-    for line in lines:
-        m = PARAMS_LINE.search(line)
-        if m:
-            out[m.group(1) + "_params"] = int(m.group(2).replace(",", ""))
-            continue
-        m = TRAIN_LINE.search(line)
-        if m and m.group(1) != "train":
-            out[m.group(1)].append({k: _number(v) for k, v in json.loads(m.group(2)).items()})
-    return out
-
-
-def _number(v):
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return v
-
-
-def summarise(name, model, k, log, test_ppl, seconds):
-    valid = [(int(r["valid_num_updates"]), r["valid_ppl"]) for r in log["valid"]]
-    inner = log["train_inner"]
+def summarise(name, model, k, seed, train, eval_ppl, seconds):
+    """One seed's row: sizes from fairseq-train's log, perplexities from fairseq-eval-lm."""
+    valid = [(int(r["valid_num_updates"]), r["valid_ppl"]) for r in train.records("valid")]
     # the first interval includes start-up (data loading, allocation): leave it out
+    inner = train.records("train_inner")
     steady = inner[1:] if len(inner) > 1 else inner
 
     def mean(key):
         return sum(r.get(key, 0.0) for r in steady) / len(steady) if steady else None
 
-    shared, expert = log["shared_params"], log["expert_params"]
-    total = None if shared is None else shared + expert
-    active = None if shared is None else shared + (expert * SLOTS.get(model, 1) // k if k else 0)
+    params = train.parameters()
+    shared, expert = params["shared"], params["expert"]
     return {
-        "name": name, "model": model, "experts": k,
-        "total_params": total, "active_params": active,
-        "valid_ppl": valid[-1][1] if valid else None,
-        "best_valid_ppl": min(p for _, p in valid) if valid else None,
-        "test_ppl": test_ppl,
+        "name": name, "model": model, "experts": k, "seed": seed,
+        "total_params": None if shared is None else shared + expert,
+        "active_params": None if shared is None else
+        shared + (expert * SLOTS.get(model, 1) // k if k else 0),
+        "valid_ppl": eval_ppl["valid"],
+        "test_ppl": eval_ppl["test"],
+        "logged_valid_ppl": valid[-1][1] if valid else None,
         "train_wps": mean("wps"),
         "aux_loss": mean("moe_aux_loss"),
         "dropped": mean("moe_dropped"),
         "curve": valid,
         "seconds": round(seconds, 1),
+        "ok": train.ok and eval_ppl["test"] is not None,
     }
 
 
 def progress_printer(tag, max_update):
     def on_line(line):
-        m = TRAIN_LINE.search(line)
-        if not m or m.group(1) == "train":
-            return
-        rec = json.loads(m.group(2))
-        if m.group(1) == "valid":
-            print(f"  {tag} update {rec.get('valid_num_updates')}/{max_update}: "
+        kind, rec = json_record(line) or (None, None)
+        if kind == "valid":
+            print(f"  {tag} update {rec.get('valid_num_updates'):.0f}/{max_update}: "
                   f"valid ppl {rec.get('valid_ppl')}", flush=True)
-        else:
-            print(f"  {tag} update {rec.get('num_updates')}/{max_update}: train ppl {rec.get('ppl')}"
-                  f", {rec.get('wps')} words/s", flush=True)
+        elif kind == "train_inner":
+            print(f"  {tag} update {rec.get('num_updates'):.0f}/{max_update}: train ppl "
+                  f"{rec.get('ppl')}, {rec.get('wps')} words/s", flush=True)
 
     return on_line
 
 
-def run_one(cfg, data_bin, out_dir, name, model, k, index, count):
-    run_dir = os.path.join(out_dir, "runs", name)
+def run_one(cfg, data_bin, out_dir, name, model, k, seed, index, count):
+    run_dir = os.path.join(out_dir, "runs", name, f"seed{seed}")
     os.makedirs(run_dir, exist_ok=True)
-    tag = f"[{index}/{count} {name}]"
+    tag = f"[{index}/{count} {name} seed {seed}]"
     print(f"{tag} training ({'dense FFN' if k is None else f'{k} experts'})", flush=True)
     start = time.time()
-    code, lines = run_logged(train_command(cfg, data_bin, os.path.join(run_dir, "checkpoints"), model, k),
-                             os.path.join(run_dir, "train.log"), progress_printer(tag, cfg.max_update))
-    log = parse_train_log(lines)
-    test_ppl = None
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    train = run_fairseq("fairseq-train", train_args(cfg, data_bin, checkpoints, model, k, seed),
+                        os.path.join(run_dir, "train.log"), progress_printer(tag, cfg.max_update))
     eval_ppl = {"valid": None, "test": None}
-    checkpoint = os.path.join(run_dir, "checkpoints", "checkpoint_last.pt")
-    if code != 0:
-        tail = "".join(lines[-3:]).strip().splitlines()
-        print(f"{tag} fairseq-train failed (exit {code}): {tail[-1] if tail else ''}; "
+    checkpoint = os.path.join(checkpoints, "checkpoint_last.pt")
+    if not train.ok:
+        print(f"{tag} fairseq-train failed (exit {train.returncode}): {train.last_line()}; "
               f"see {run_dir}/train.log", flush=True)
     elif os.path.exists(checkpoint):
-        # fairseq-eval-lm scores a whole split; the validation loss that
-        # fairseq-fixed's trainer logs covers one batch of it (see README)
+        # final numbers from fairseq-eval-lm: it scores every token of the split,
+        # where fairseq-train's validation drops a last batch whose size is not a
+        # multiple of --required-batch-size-multiple (8), blocks chosen by --seed (README)
         print(f"{tag} evaluating on the valid and test splits", flush=True)
         for subset in ("valid", "test"):
-            code, eval_lines = run_logged(eval_command(cfg, data_bin, checkpoint, subset),
-                                          os.path.join(run_dir, f"eval_{subset}.log"))
-            ppl = [float(m.group(2)) for m in map(PPL_LINE.search, eval_lines) if m]
-            eval_ppl[subset] = ppl[-1] if ppl else None
-            if code != 0 or not ppl:
-                print(f"{tag} fairseq-eval-lm failed; see {run_dir}/eval_{subset}.log", flush=True)
+            scored = run_fairseq("fairseq-eval-lm", eval_args(cfg, data_bin, checkpoint, subset),
+                                 os.path.join(run_dir, f"eval_{subset}.log"))
+            eval_ppl[subset] = scored.eval_lm_perplexity()
+            if not scored.ok or eval_ppl[subset] is None:
+                print(f"{tag} fairseq-eval-lm failed; see {scored.log_path}", flush=True)
                 break
-        test_ppl = eval_ppl["test"]
     if not cfg.keep_checkpoints:
-        shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)
-    row = summarise(name, model, k, log, test_ppl, time.time() - start)
-    row["logged_valid_ppl"], row["valid_ppl"] = row["valid_ppl"], eval_ppl["valid"]
-    row["ok"] = code == 0 and test_ppl is not None
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    row = summarise(name, model, k, seed, train, eval_ppl, time.time() - start)
     print(f"{tag} done in {row['seconds']:.0f}s: valid ppl {_fmt(row['valid_ppl'], 2)}, "
-          f"test ppl {_fmt(test_ppl, 2)}", flush=True)
+          f"test ppl {_fmt(row['test_ppl'], 2)}", flush=True)
     return row
+
+
+SPREAD_KEYS = ("valid_ppl", "test_ppl", "train_wps", "aux_loss", "dropped")
+
+
+def aggregate(runs):
+    """One row per model: every seed's numbers as mean and standard deviation."""
+    dense = {r["seed"]: r["curve"] for r in runs if r["model"] == "dense"}
+    rows = []
+    for name in dict.fromkeys(r["name"] for r in runs):
+        mine = [r for r in runs if r["name"] == name]
+        ok = [r for r in mine if r["ok"]]
+        first = mine[0]
+        row = {k: first[k] for k in ("name", "model", "experts", "total_params", "active_params")}
+        row["seeds"] = [r["seed"] for r in ok]
+        row["seeds_run"] = [r["seed"] for r in mine]
+        row["ok"] = len(ok) == len(mine)
+        for key in SPREAD_KEYS:
+            row[key], row[key + "_sd"] = mean_sd([r[key] for r in ok])
+            row[key + "_by_seed"] = [r[key] for r in mine]
+        spread = curve_spread([r["curve"] for r in ok if r["curve"]])
+        row["curve"] = [(u, m) for u, m, _ in spread]
+        row["curve_sd"] = [(u, sd) for u, _, sd in spread]
+        relative = [relative_curve(r["curve"], dense[r["seed"]]) for r in ok if r["seed"] in dense]
+        row["relative_curve"] = curve_spread(relative) if first["model"] != "dense" else []
+        rows.append(row)
+    return rows
 
 
 def _fmt(v, digits=2, pct=False):
@@ -266,7 +243,15 @@ def _fmt(v, digits=2, pct=False):
     return f"{v:.{digits}f}"
 
 
+def _fmt_spread(row, key, digits=2, pct=False):
+    mean, sd = row[key], row[key + "_sd"]
+    if pct:
+        return _fmt(mean, digits, pct) + ("" if sd is None else f" ± {100 * sd:.{digits}f}")
+    return format_spread(mean, sd, digits)
+
+
 def write_markdown(path, rows, settings):
+    seeds = max((len(r["seeds"]) for r in rows), default=1)
     lines = [
         "# fairseq-hash-compare",
         "",
@@ -277,17 +262,34 @@ def write_markdown(path, rows, settings):
     for r in rows:
         lines.append(
             f"| {r['name']}{'' if r['ok'] else ' (failed)'} | {r['experts'] or '-'} "
-            f"| {_fmt(r['total_params'])} | {_fmt(r['active_params'])} | {_fmt(r['valid_ppl'])} "
-            f"| {_fmt(r['test_ppl'])} | {_fmt(r['train_wps'], 0)} | {_fmt(r['aux_loss'], 3)} "
-            f"| {_fmt(r['dropped'], 1, pct=True)} |")
+            f"| {_fmt(r['total_params'])} | {_fmt(r['active_params'])} "
+            f"| {_fmt_spread(r, 'valid_ppl')} | {_fmt_spread(r, 'test_ppl')} "
+            f"| {_fmt_spread(r, 'train_wps', 0)} | {_fmt_spread(r, 'aux_loss', 3)} "
+            f"| {_fmt_spread(r, 'dropped', 1, pct=True)} |")
+    if seeds > 1:
+        lines += ["", "Test perplexity of each seed:", "",
+                  "| model | " + " | ".join(f"seed {s}" for s in rows[0]["seeds_run"]) + " |",
+                  "|---|" + "---:|" * len(rows[0]["seeds_run"])]
+        for r in rows:
+            lines.append(f"| {r['name']} | "
+                         + " | ".join(_fmt(v) for v in r["test_ppl_by_seed"]) + " |")
+    spread = (f"Each number is the mean over {seeds} seeds ± their sample standard deviation; "
+              "the seed sets initialisation and data order. " if seeds > 1 else
+              "One seed: differences smaller than a second seed would move them cannot be "
+              "told apart (run --seeds 3). ")
     lines += [
         "",
-        "Perplexities are per sentencepiece token (base-2 loss, as fairseq reports), of the "
-        "model after the last update, both scored on the whole split by fairseq-eval-lm "
-        "(curves.png shows fairseq-train's logged validation, which in fairseq-fixed covers "
-        "one batch of the split). Words/s, aux loss (summed over routed layers) and tokens dropped "
+        spread + "Perplexities are per sentencepiece token (base-2 loss, as fairseq reports) "
+        "of the model after the last update, scored by fairseq-eval-lm on every token of "
+        "the split. Words/s, aux loss (summed over routed layers) and tokens dropped "
         "(share of expert slots over capacity, training only) are means over training "
         "log intervals after the first. Words/s depends on the machine's load.",
+        "",
+        "curves.png: fairseq-train's validation at each validated update, mean over seeds "
+        "with ± one standard deviation shaded; right, each model's over the dense model's of "
+        "the same seed and update. fairseq-train validates the whole valid split less a last "
+        "batch whose size is not a multiple of --required-batch-size-multiple (8): here "
+        "blocks that --seed picks, so its numbers differ a little from fairseq-eval-lm's.",
         "",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
         "",
@@ -303,29 +305,39 @@ def write_curves(path, rows):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, rel) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
-        if r["curve"]:
-            xs, ys = zip(*r["curve"])
-            ax.plot(xs, ys, marker="o", markersize=3, label=r["name"])
-    ax.set_xlabel("updates")
-    ax.set_ylabel("validation perplexity (fairseq-train's log: one batch)")
+        style = dict(marker="o", markersize=3, label=r["name"])
+        line = plot_spread(ax, [(u, m, sd) for (u, m), (_, sd) in zip(r["curve"], r["curve_sd"])],
+                           **style)
+        if line is not None:
+            plot_spread(rel, r["relative_curve"], color=line.get_color(), **style)
+    seeds = max((len(r["seeds"]) for r in rows), default=1)
+    over = f"mean of {seeds} seeds ± sd" if seeds > 1 else "one seed"
+    ax.set_ylabel("validation perplexity (fairseq-train's log)")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    ax.set_title("fairseq-hash-compare")
+    ax.set_title(f"validation perplexity, {over}")
+    rel.axhline(1.0, color="black", linewidth=1)
+    rel.set_ylabel("validation perplexity / dense's")
+    rel.set_title("relative to dense, same seed and update")
+    for a in (ax, rel):
+        a.set_xlabel("updates")
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_results(out_dir, rows, settings):
+def write_results(out_dir, runs, settings):
+    rows = aggregate(runs)
     with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"settings": settings, "rows": rows}, f, indent=2)
+        json.dump({"settings": settings, "rows": rows, "runs": runs}, f, indent=2)
     write_markdown(os.path.join(out_dir, "results.md"), rows, settings)
     write_curves(os.path.join(out_dir, "curves.png"), rows)
+    return rows
 
 
 def build_parser():
@@ -333,7 +345,8 @@ def build_parser():
         prog="fairseq-hash-compare", description="Train dense, hash and learned-routing language models with identical "
         "settings and tabulate them side by side.")
     p.add_argument("--output-dir", required=True,
-                   help="folder for results.md, results.json, curves.png, data/ and runs/NAME/ logs")
+                   help="folder for results.md, results.json, curves.png, data/ and the "
+                   "runs/NAME/seedS/ logs")
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated models to train, from {','.join(MODELS)} (default: all)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
@@ -367,6 +380,9 @@ def build_parser():
     size.add_argument("--vocab-size", type=int, help="sentencepiece vocabulary size")
     p.add_argument("--seed", type=int, default=1,
                    help="seed of every run: initialisation and data order (default 1)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train every model with this many seeds, --seed, --seed + 1, ...; the "
+                   "tables show each number's mean and standard deviation over them (default 1)")
     p.add_argument("--capacity-factor", type=float, default=1.25,
                    help="switch: expert capacity in units of tokens / experts, training only "
                    "(default 1.25)")
@@ -389,7 +405,7 @@ def resolve(args):
             setattr(args, key, value)
     args.model_list = parse_models(args.models)
     args.expert_list = parse_experts(args.experts)
-    for flag in ("layers", "embed_dim", "ffn_dim", "heads", "tokens_per_sample", "max_tokens",
+    for flag in ("seeds", "layers", "embed_dim", "ffn_dim", "heads", "tokens_per_sample", "max_tokens",
                  "max_update", "validate_every", "warmup_updates", "vocab_size"):
         if getattr(args, flag) < 1:
             raise CompareError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
@@ -430,18 +446,20 @@ def main(argv=None):
     runs = plan_runs(cfg.model_list, cfg.expert_list)
     settings = {k: getattr(cfg, k) for k in (
         "preset", "layers", "embed_dim", "ffn_dim", "heads", "hash_layer", "tokens_per_sample",
-        "max_tokens", "max_update", "lr", "warmup_updates", "dropout", "seed", "capacity_factor",
-        "aux_loss_weight")}
+        "max_tokens", "max_update", "lr", "warmup_updates", "dropout", "seed", "seeds",
+        "capacity_factor", "aux_loss_weight", "optimizer")}
     settings["data"] = data_bin
     settings["command"] = " ".join(["fairseq-hash-compare", *(sys.argv[1:] if argv is None else argv)])
-    rows = []
-    for i, (name, model, k) in enumerate(runs, 1):
-        rows.append(run_one(cfg, data_bin, cfg.output_dir, name, model, k, i, len(runs)))
+    # seed by seed: an interrupted comparison holds whole seeds
+    plan = [(seed, *run) for seed in seed_list(cfg.seed, cfg.seeds) for run in runs]
+    done = []
+    for i, (seed, name, model, k) in enumerate(plan, 1):
+        done.append(run_one(cfg, data_bin, cfg.output_dir, name, model, k, seed, i, len(plan)))
         # rewritten after every run, so an interrupted comparison keeps what it has
         settings["load average (1 min) at start, now"] = f"{load_start:.1f}, {os.getloadavg()[0]:.1f}"
-        write_results(cfg.output_dir, rows, settings)
+        write_results(cfg.output_dir, done, settings)
     print(open(os.path.join(cfg.output_dir, "results.md"), encoding="utf-8").read())
-    return 0 if all(r["ok"] for r in rows) else 1
+    return 0 if all(r["ok"] for r in done) else 1
 
 
 if __name__ == "__main__":

@@ -13,45 +13,47 @@ also written to ``commands.sh`` in the output folder, to rerun or adapt.
 import argparse
 import logging
 import os
-import re
-import shlex
-import subprocess
 import sys
 import time
 
+from .fairseq_runner import run_fairseq, shell_line
 from .prepare import prepare
-from .tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS, tool_env
+from .tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS
 from .user_dir import user_dir
 
 PROMPTS = ["Return the", "This module provides", "If the"]
 
 
-def run_logged(cmd, log_path, commands_file):
-    """Run a command, streaming its output to the console and to ``log_path``."""
-    commands_file.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+def run_logged(tool, args, log_path, commands_file):
+    """Run a fairseq tool, writing it to ``commands.sh`` and its progress to the console."""
+    commands_file.write(shell_line(tool, args) + "\n")
     commands_file.flush()
-    print(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}\n", flush=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=tool_env())
-        for line in proc.stdout:
-            log.write(line)
-            if "| {'_name'" not in line and any(k in line for k in (  # not the config dump
-                    "train_inner", "| valid |", "| train |", "hash", "Loss", "done training",
-                    "Saved checkpoint", "num. model params", "rror")):
-                sys.stdout.write(line)
-        if proc.wait() != 0:
-            raise SystemExit(f"fairseq-hash-demo: error: {cmd[0]} failed; see {log_path}")
-    with open(log_path) as f:
-        return f.read()
+    print(f"\n$ {shell_line(tool, args)}\n", flush=True)
+
+    def show(line):
+        if "| {'_name'" not in line and any(k in line for k in (  # not the config dump
+                "train_inner", "| valid |", "| train |", "hash", "Loss", "done training",
+                "Saved checkpoint", "num. model params", "rror")):
+            sys.stdout.write(line)
+
+    done = run_fairseq(tool, args, log_path, show)
+    if not done.ok:
+        raise SystemExit(f"fairseq-hash-demo: error: {tool} failed; see {log_path}")
+    return done
 
 
-def mean_wps(log):
-    """Mean of fairseq's train_inner wps figures, leaving out the first (warm-up)."""
-    values = [float(v) for v in re.findall(r"train_inner \|.*?wps=([0-9.]+)", log)]
+def mean_wps(train):
+    """Mean of fairseq's train_inner words/s, leaving out the first interval (warm-up)."""
+    values = [r["wps"] for r in train.records("train_inner")]
     values = values[1:] or values or [  # runs shorter than one log interval
-        float(v) for v in re.findall(r"\| train \|.*?\| wps ([0-9.]+)", log)]
+        r["train_wps"] for r in train.records("train")]
     return sum(values) / len(values) if values else None
+
+
+def updates_done(train):
+    counts = [r["num_updates"] for r in train.records("train_inner")]
+    counts += [r["train_num_updates"] for r in train.records("train")]
+    return int(max(counts)) if counts else None
 
 
 def model_flags(args, arch):
@@ -74,7 +76,7 @@ def train_flags(args, save_dir):
             *(["--stop-time-hours", f"{args.minutes / 60:.4f}"] if args.minutes else []),
             "--validate-interval-updates", "200",
             "--save-interval-updates", "200", "--keep-interval-updates", "1",
-            "--no-epoch-checkpoints", "--log-interval", "25", "--log-format", "simple",
+            "--no-epoch-checkpoints", "--log-interval", "25", "--log-format", "json",
             "--seed", str(args.seed), "--num-workers", "0", "--save-dir", save_dir,
             *(["--cpu"] if args.cpu else [])]
 
@@ -139,40 +141,40 @@ def main(argv=None):
     started = time.time()
     print(f"[1/4] corpus, sentencepiece and fairseq-preprocess -> {out}/data", flush=True)
     data_bin = prepare(os.path.join(out, "data"), args.text or None, vocab_size=args.vocab_size)
-    bin_dir = os.path.dirname(sys.executable)
     with open(os.path.join(out, "commands.sh"), "w") as commands:
         print(f"[2/4] fairseq-train, about {args.minutes:g} minutes", flush=True)
-        log = run_logged([os.path.join(bin_dir, "fairseq-train"), data_bin, "--user-dir", user_dir(),
-                          *model_flags(args, "hash_transformer_lm"), *train_flags(args, save_dir)],
-                         os.path.join(out, "train.log"), commands)
+        train = run_logged("fairseq-train", [data_bin, "--user-dir", user_dir(),
+                                             *model_flags(args, "hash_transformer_lm"),
+                                             *train_flags(args, save_dir)],
+                           os.path.join(out, "train.log"), commands)
         print("[3/4] fairseq-eval-lm on the test split", flush=True)
-        eval_log = run_logged([os.path.join(bin_dir, "fairseq-eval-lm"), data_bin, "--user-dir",
-                               user_dir(), "--path", os.path.join(save_dir, "checkpoint_best.pt"),
-                               "--gen-subset", "test", "--tokens-per-sample", "128",
-                               "--max-tokens", "4096", "--num-workers", "0",
-                               *(["--cpu"] if args.cpu else [])],
-                              os.path.join(out, "eval_test.log"), commands)
+        scored = run_logged("fairseq-eval-lm", [data_bin, "--user-dir", user_dir(), "--path",
+                                                os.path.join(save_dir, "checkpoint_best.pt"),
+                                                "--gen-subset", "test", "--tokens-per-sample", "128",
+                                                "--max-tokens", "4096", "--num-workers", "0",
+                                                *(["--cpu"] if args.cpu else [])],
+                            os.path.join(out, "eval_test.log"), commands)
         dense_wps = None
         if args.compare_dense:
-            updates = re.findall(r"num_updates[ =:\"]+([0-9]+)", log)
             dense_args = argparse.Namespace(**{**vars(args), "minutes": 0,
-                                               "max_update": int(updates[-1]) if updates else args.max_update})
+                                               "max_update": updates_done(train) or args.max_update})
             print(f"[3b] the same model without hash layers, {dense_args.max_update} updates", flush=True)
             # fairseq's own model; --user-dir only for --optimizer fused_adamw
-            dense_log = run_logged([os.path.join(bin_dir, "fairseq-train"), data_bin,
-                                    "--user-dir", user_dir(), *model_flags(args, "transformer_lm"),
-                                    *train_flags(dense_args, os.path.join(out, "checkpoints_dense"))],
-                                   os.path.join(out, "train_dense.log"), commands)
-            dense_wps = mean_wps(dense_log)
+            dense = run_logged("fairseq-train", [data_bin, "--user-dir", user_dir(),
+                                                 *model_flags(args, "transformer_lm"),
+                                                 *train_flags(dense_args,
+                                                              os.path.join(out, "checkpoints_dense"))],
+                               os.path.join(out, "train_dense.log"), commands)
+            dense_wps = mean_wps(dense)
     print("[4/4] samples through the hub interface", flush=True)
     samples = sample(save_dir, data_bin, os.path.join(out, "data", "spm.model"), args.samples,
                      os.path.join(out, "samples.txt"))
-    ppl = re.search(r"Perplexity: ([0-9.]+)", eval_log)
-    wps = mean_wps(log)
+    ppl = scored.eval_lm_perplexity()
+    wps = mean_wps(train)
     print("\n" + "=" * 72)
     for line in samples:
         print(f"  sample: {line}")
-    print(f"test perplexity (fairseq-eval-lm): {ppl.group(1) if ppl else '?'}")
+    print(f"test perplexity (fairseq-eval-lm): {ppl if ppl is not None else '?'}")
     if wps:
         print(f"training words per second (fairseq's train_inner wps, mean after the first): {wps:.0f}")
     if dense_wps:

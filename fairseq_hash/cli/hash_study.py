@@ -6,39 +6,40 @@
 
 Trains, with identical data, seed and settings: the model with no hash layer
 (``transformer_lm``), then ``hash_transformer_lm`` with each hash type, MultiHash
-(balanced, ``--hash-count``) and the ``future`` oracle. ``clustered`` and
+(balanced, ``--hash-count``), balanced top-2 (``--hash-topk 2 --hash-score
+softmax``) and the ``future`` oracle. ``clustered`` and
 ``dispersed`` tables come from k-means over the no-hash model's input
 embeddings (``fairseq-hash-table``). Each model is evaluated (its last
-checkpoint) on valid and test; the load of its hash layers is measured on
-valid. Writes ``WORK/results.md`` (the table, also printed), ``results.json``,
+checkpoint, every token of valid and test); the load of its hash layers is
+measured on valid. With ``--seeds N`` every row trains N times (seeds
+``--seed`` to ``--seed`` + N - 1; clustered and dispersed from the dense model
+of the same seed) and the table gives each number's mean and standard
+deviation. Training runs on the GPU when torch sees one. Writes
+``WORK/results.md`` (the table, also printed), ``results.json``,
 ``valid_ppl.png`` (validation perplexity over updates) and, per run,
-``runs/NAME/{train.log,routing/}``. A run whose checkpoint exists is not
-trained again, so an interrupted study resumes where it stopped.
+``runs/NAME/seedS/``. A run whose checkpoint exists is not trained again, so
+an interrupted study resumes where it stopped.
 """
 import argparse
 import json
 import logging
 import math
 import os
-import subprocess
-import sys
 import time
 
 from ..errors import HashConfigError, install_excepthook
-from .tool_env import tool_env
+from .fairseq_runner import device_flags, read_log, run_fairseq
+from .seeds import curve_spread, format_spread, mean_sd, plot_spread, relative_curve, seed_list
+from .user_dir import user_dir
 
 logger = logging.getLogger("fairseq_hash.hash_study")
 
 # rows in the paper's order of quality (balanced ~ random > dispersed > clustered,
 # bigram, previous, position); the oracle last
-HASH_RUNS = ["balanced", "random", "multihash", "dispersed", "clustered", "bigram", "previous",
-             "position", "future"]
+HASH_RUNS = ["balanced", "random", "multihash", "top2", "dispersed", "clustered", "bigram",
+             "previous", "position", "future"]
 QUICK = dict(updates=30, validate_every=10, embed_dim=32, ffn_dim=64, max_tokens=1024,
              max_lines=1500, vocab_size=500, experts=4, warmup=5)
-
-
-def tool(name):
-    return os.path.join(os.path.dirname(sys.executable), name)
 
 
 def model_flags(a):
@@ -47,12 +48,12 @@ def model_flags(a):
             "--tokens-per-sample", a.tokens_per_sample, "--dropout", a.dropout]
 
 
-def train_flags(a):
+def train_flags(a, seed):
     return ["--task", "language_modeling", "--max-tokens", a.max_tokens,
             "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", a.lr,
             "--lr-scheduler", "inverse_sqrt", "--warmup-updates", a.warmup,
             "--warmup-init-lr", "1e-07", "--clip-norm", "1.0", "--max-update", a.updates,
-            "--validate-interval-updates", a.validate_every, "--seed", a.seed, "--cpu",
+            "--validate-interval-updates", a.validate_every, "--seed", seed, *device_flags(),
             "--num-workers", "0", "--log-format", "json", "--log-interval", a.validate_every,
             "--no-epoch-checkpoints", "--no-save-optimizer-state"]
 
@@ -61,66 +62,51 @@ def run_flags(name, a, tables):
     """Model flags of one row of the study."""
     if name == "dense":
         return ["--arch", "transformer_lm"]
-    hash_type = "balanced" if name == "multihash" else name
+    hash_type = "balanced" if name in ("multihash", "top2") else name
     flags = ["--arch", "hash_transformer_lm", "--user-dir", user_dir(), "--hash-type", hash_type,
              "--hash-experts", a.experts, "--hash-layer", a.hash_layer]
     if name == "multihash":
         flags += ["--hash-count", a.hash_count]
+    if name == "top2":
+        flags += ["--hash-topk", 2, "--hash-score", "softmax"]
     if name in tables:
         flags += ["--hash-file", tables[name]]
     return flags
 
 
-def user_dir():
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def train(name, data, a, tables):
-    """Train one row (unless it was trained with these very flags); returns its folder."""
-    folder = os.path.join(a.work_dir, "runs", name)
+def train(name, seed, data, a, tables):
+    """Train one row with one seed (unless it was trained with these very flags); its folder."""
+    folder = os.path.join(a.work_dir, "runs", name, f"seed{seed}")
     ckpt = os.path.join(folder, "checkpoint_last.pt")
     log = os.path.join(folder, "train.log")
-    argv = [str(x) for x in [tool("fairseq-train"), data, *run_flags(name, a, tables),
-                             *model_flags(a), *train_flags(a), "--save-dir", folder]]
+    args = [str(x) for x in [data, *run_flags(name, a, tables), *model_flags(a),
+                             *train_flags(a, seed), "--save-dir", folder]]
     stamp = os.path.join(folder, "argv.json")
     if os.path.isfile(ckpt) and os.path.isfile(log) and os.path.isfile(stamp):
         with open(stamp) as f:
-            if json.load(f) == argv:
-                logger.info(f"{name}: reusing {ckpt}")
+            if json.load(f) == args:
+                logger.info(f"{name} seed {seed}: reusing {ckpt}")
                 return folder
     os.makedirs(folder, exist_ok=True)
     for old in os.listdir(folder):
         if old.endswith(".pt"):
             os.remove(os.path.join(folder, old))  # else fairseq-train would resume from it
-    logger.info(f"{name}: training {a.updates} updates")
+    logger.info(f"{name} seed {seed}: training {a.updates} updates")
     start = time.time()
-    with open(log + ".tmp", "w") as out:
-        proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT,
-                              env=tool_env())
-    if proc.returncode != 0:
-        with open(log + ".tmp") as f:
-            tail = f.read()[-3000:]
+    # the log keeps its final name only once training succeeded: a rerun retrains
+    done = run_fairseq("fairseq-train", args, log + ".tmp")
+    if not done.ok:
+        tail = "".join(done.lines)[-3000:]
         raise SystemExit(f"hash_study: training {name} failed (log {log}.tmp):\n{tail}")
     os.replace(log + ".tmp", log)
     with open(os.path.join(folder, "wall_seconds"), "w") as f:
         f.write(f"{time.time() - start:.1f}\n")
     with open(stamp, "w") as f:
-        json.dump(argv, f)
+        json.dump(args, f)
     return folder
 
 
-def valid_curve(log):
-    """(updates, valid perplexity) pairs from fairseq's json log."""
-    curve = []
-    with open(log) as f:
-        for line in f:
-            if "| valid |" in line and "{" in line:
-                row = json.loads(line[line.index("{"):])
-                curve.append((int(float(row["valid_num_updates"])), float(row["valid_ppl"])))
-    return curve
-
-
-def evaluate(name, folder, data, a):
+def evaluate(name, seed, folder, data, a):
     """Valid/test perplexity of the last checkpoint and the valid load of its hash layers."""
     from fairseq import checkpoint_utils
 
@@ -137,33 +123,53 @@ def evaluate(name, folder, data, a):
              for idx, moe in model.decoder.moe_layers.items()]
     with open(os.path.join(folder, "wall_seconds")) as f:
         wall = float(f.read())
+    log = read_log("fairseq-train", os.path.join(folder, "train.log"))
     return {
         "run": name,
+        "seed": seed,
         "valid_ppl": math.exp(valid_nll),
         "test_ppl": math.exp(test_nll),
         "load_max_over_mean": max((l["max_over_mean"] for l in loads), default=None),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_seconds": wall,
-        "valid_curve": valid_curve(os.path.join(folder, "train.log")),
+        "valid_curve": [(int(r["valid_num_updates"]), r["valid_ppl"]) for r in log.records("valid")],
     }
 
 
-def build_tables(data, dense_folder, a):
-    """clustered/dispersed table files from the no-hash model's embeddings."""
+def aggregate(evaluated):
+    """One row per run name: its seeds' numbers as mean and standard deviation."""
+    dense = {r["seed"]: r["valid_curve"] for r in evaluated if r["run"] == "dense"}
+    rows = []
+    for name in dict.fromkeys(r["run"] for r in evaluated):
+        mine = [r for r in evaluated if r["run"] == name]
+        row = {"run": name, "seeds": [r["seed"] for r in mine],
+               "parameters": mine[0]["parameters"]}
+        for key in ("valid_ppl", "test_ppl", "load_max_over_mean", "train_seconds"):
+            row[key], row[key + "_sd"] = mean_sd([r[key] for r in mine])
+        row["valid_curve"] = curve_spread([r["valid_curve"] for r in mine])
+        row["relative_curve"] = curve_spread(
+            [relative_curve(r["valid_curve"], dense[r["seed"]]) for r in mine if r["seed"] in dense])
+        rows.append(row)
+    return rows
+
+
+def build_tables(data, dense_folder, seed, a):
+    """clustered/dispersed table files from the no-hash model's embeddings (of one seed)."""
     from .hash_table import main as hash_table
 
     tables = {}
     for kind in ("clustered", "dispersed"):
-        path = os.path.join(a.work_dir, "tables", f"{kind}-{a.experts}.json")
+        path = os.path.join(a.work_dir, "tables", f"{kind}-{a.experts}-seed{seed}.json")
         if not os.path.isfile(path):
             hash_table([kind, "--checkpoint", os.path.join(dense_folder, "checkpoint_last.pt"),
                         "--data", data, "--experts", str(a.experts), "--output", path,
-                        "--seed", str(a.seed)])
+                        "--seed", str(seed)])
         tables[kind] = path
     return tables
 
 
 LABELS = {"dense": "no hash layer (transformer_lm)", "multihash": "MultiHash (balanced, N={n})",
+          "top2": "balanced, top-2 experts (softmax scores)",
           "future": "future (oracle: sees the label)"}
 
 
@@ -173,13 +179,18 @@ def markdown(rows, a):
     lines = [head]
     for r in rows:
         label = LABELS.get(r["run"], r["run"]).format(n=a.hash_count)
-        load = "-" if r["load_max_over_mean"] is None else f"{r['load_max_over_mean']:.2f}"
-        lines.append(f"| {label} | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | {load} | "
-                     f"{r['parameters']:,} | {r['train_seconds']:.0f} |")
+        lines.append(f"| {label} | {format_spread(r['valid_ppl'], r['valid_ppl_sd'])} "
+                     f"| {format_spread(r['test_ppl'], r['test_ppl_sd'])} "
+                     f"| {format_spread(r['load_max_over_mean'], r['load_max_over_mean_sd'])} "
+                     f"| {r['parameters']:,} | {r['train_seconds']:.0f} |")
+    seeds = seed_list(a.seed, a.seeds)
     settings = (f"{a.layers} layers, d={a.embed_dim}, f={a.ffn_dim}, K={a.experts} experts at "
                 f"layer {a.hash_layer}, {a.updates} updates of {a.max_tokens} tokens, "
-                f"blocks of {a.tokens_per_sample}, lr {a.lr}, seed {a.seed}")
-    return "\n".join(lines) + f"\n\nSettings: {settings}.\n"
+                f"blocks of {a.tokens_per_sample}, lr {a.lr}, seed{'s' * (len(seeds) > 1)} "
+                f"{', '.join(map(str, seeds))}")
+    spread = (f"Each number is the mean over {len(seeds)} seeds ± their sample standard "
+              "deviation (train s: the mean).\n\n" if len(seeds) > 1 else "")
+    return "\n".join(lines) + f"\n\n{spread}Settings: {settings}.\n"
 
 
 def plot(rows, path):
@@ -187,24 +198,19 @@ def plot(rows, path):
     import matplotlib
 
     matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    dense = dict(next((r["valid_curve"] for r in rows if r["run"] == "dense"), []))
     for r in rows:
-        if not r["valid_curve"]:
-            continue
         style = dict(marker=".", label=r["run"], linestyle="--" if r["run"] == "future" else "-")
-        x, y = zip(*r["valid_curve"])
-        left.plot(x, y, **style)
-        shared = [(u, p / dense[u]) for u, p in r["valid_curve"] if u in dense]
-        if shared and r["run"] not in ("dense", "future"):
-            right.plot(*zip(*shared), **style)
+        line = plot_spread(left, r["valid_curve"], **style)
+        if line is not None and r["run"] not in ("dense", "future"):
+            plot_spread(right, r["relative_curve"], color=line.get_color(), **style)
+    seeds = max((len(r["seeds"]) for r in rows), default=1)
     left.set_yscale("log")
-    left.set_title("validation perplexity")
+    left.set_title("validation perplexity" + (f", mean of {seeds} seeds ± sd" if seeds > 1 else ""))
     right.axhline(1.0, color="black", linewidth=1, label="no hash layer")
-    right.set_title("relative to no hash layer (the oracle left out)")
+    right.set_title("relative to no hash layer, same seed (the oracle left out)")
     for ax in (left, right):
         ax.set_xlabel("updates")
         ax.legend(fontsize=7)
@@ -242,6 +248,9 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=30, help="warm-up updates (default 30)")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout (default 0.1)")
     p.add_argument("--seed", type=int, default=1, help="seed of every run (default 1)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train every row with this many seeds, --seed, --seed + 1, ...; the "
+                   "table shows each number's mean and standard deviation (default 1)")
     p.add_argument("--vocab-size", type=int, default=2000, help="sentencepiece vocabulary (default 2000)")
     p.add_argument("--max-lines", type=int, default=0, help="use at most this many lines of text "
                    "(default 0: all)")
@@ -259,7 +268,7 @@ def parse_args(argv):
         p.error("--runs: clustered and dispersed cluster the embeddings of the dense run; add dense")
     if a.ffn_dim % a.hash_count:
         p.error(f"--hash-count {a.hash_count} must divide --ffn-dim {a.ffn_dim}")
-    for name in ("updates", "validate_every", "experts", "layers", "max_tokens"):
+    for name in ("updates", "validate_every", "experts", "layers", "max_tokens", "seeds"):
         if getattr(a, name) < 1 or (name == "experts" and a.experts < 2):
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: too small")
     a.runs = runs
@@ -277,26 +286,30 @@ def main(argv=None):
     os.makedirs(a.work_dir, exist_ok=True)
     data = prepare(os.path.join(a.work_dir, "data"), a.text or None, a.vocab_size,
                    max_lines=a.max_lines)
-    folders, tables = {}, {}
-    if "dense" in a.runs:
-        folders["dense"] = train("dense", data, a, tables)
-        if "clustered" in a.runs or "dispersed" in a.runs:
-            tables = build_tables(data, folders["dense"], a)
-    for name in HASH_RUNS:
-        if name in a.runs:
-            folders[name] = train(name, data, a, tables)
-    rows = []
-    for name, folder in folders.items():
-        try:
-            rows.append(evaluate(name, folder, data, a))
-        except HashConfigError as e:
-            raise SystemExit(f"hash_study: evaluating {name}: {e}")
-        logger.info(f"{name}: valid ppl {rows[-1]['valid_ppl']:.2f}, test ppl {rows[-1]['test_ppl']:.2f}")
+    evaluated = []
+    for seed in seed_list(a.seed, a.seeds):
+        folders, tables = {}, {}
+        if "dense" in a.runs:
+            folders["dense"] = train("dense", seed, data, a, tables)
+            if "clustered" in a.runs or "dispersed" in a.runs:
+                tables = build_tables(data, folders["dense"], seed, a)
+        for name in HASH_RUNS:
+            if name in a.runs:
+                folders[name] = train(name, seed, data, a, tables)
+        for name, folder in folders.items():
+            try:
+                evaluated.append(evaluate(name, seed, folder, data, a))
+            except HashConfigError as e:
+                raise SystemExit(f"hash_study: evaluating {name}: {e}")
+            logger.info(f"{name} seed {seed}: valid ppl {evaluated[-1]['valid_ppl']:.2f}, "
+                        f"test ppl {evaluated[-1]['test_ppl']:.2f}")
+    rows = aggregate(evaluated)
     table = markdown(rows, a)
     with open(os.path.join(a.work_dir, "results.md"), "w") as f:
         f.write(table)
     with open(os.path.join(a.work_dir, "results.json"), "w") as f:
-        json.dump({"settings": {k: v for k, v in vars(a).items()}, "rows": rows}, f, indent=1)
+        json.dump({"settings": {k: v for k, v in vars(a).items()}, "rows": rows,
+                   "runs": evaluated}, f, indent=1)
     plot(rows, os.path.join(a.work_dir, "valid_ppl.png"))
     print(table)
     print(f"written: {os.path.join(a.work_dir, 'results.md')}, valid_ppl.png, results.json")

@@ -3,6 +3,7 @@
     fairseq-hash-table clustered --checkpoint dense/checkpoint_best.pt --experts 16 --output c.json
     fairseq-hash-table dispersed --checkpoint dense/checkpoint_best.pt --experts 16 --output d.json
     fairseq-hash-table balanced --data data-bin --experts 16 --output b.json
+    fairseq-hash-table dispersed --checkpoint dense/checkpoint_best.pt --experts 16 --topk 2 --output d2.json
     fairseq-hash-table fingerprint --data data-bin
 
 ``clustered`` and ``dispersed`` run k-means over the checkpoint's input
@@ -16,6 +17,7 @@ import argparse
 import os
 import sys
 
+from ..embedding_tables import embedding_table
 from ..errors import HashConfigError, install_excepthook
 from ..hashing import HASH_REGISTRY, build_hash_function, expected_load, token_counts
 from ..table_file import fingerprint_hex, save_table_file
@@ -68,15 +70,20 @@ def build(args):
             )
         if args.clusters is not None and args.clusters < 1:
             raise HashConfigError(f"--clusters {args.clusters}: must be at least 1")
-        table = fn.table_from_embeddings(embeddings, token_counts(dictionary), args.experts,
-                                         args.hashes, args.seed, args.clusters)
+        table = embedding_table(args.type, embeddings, token_counts(dictionary), args.experts,
+                                args.hashes, args.seed, args.clusters, args.topk)
         source = f"k-means over {EMBEDDING_KEY} of {args.checkpoint}"
     else:
         if not args.data:
             raise HashConfigError(f"{args.type} tables need --data (a data-bin folder)")
         dictionary = load_dictionary(args.data)
-        table = fn.build_table(dictionary, args.experts, args.hashes, args.seed)
+        if args.topk > 1:
+            table = fn.build_topk_table(dictionary, args.experts, args.topk, args.seed)
+        else:
+            table = fn.build_table(dictionary, args.experts, args.hashes, args.seed)
         source = f"{args.type} over {args.data}/dict.txt, seed {args.seed}"
+    if args.topk > 1:
+        return table, dictionary, source + f", {args.topk} experts a token"
     return table, dictionary, source + f", {args.hashes} hash(es)"
 
 
@@ -93,6 +100,9 @@ def main(argv=None):
                         "(default for clustered/dispersed: the checkpoint's training data)")
     parser.add_argument("--hashes", type=int, default=1,
                         help="number of hashes N, for --hash-count N (default 1)")
+    parser.add_argument("--topk", type=int, default=1,
+                        help="distinct experts per token k, for --hash-topk k (default 1; not "
+                        "with --hashes)")
     parser.add_argument("--seed", type=int, default=1,
                         help="seed of random tables and k-means (hash m uses seed + m; default 1)")
     parser.add_argument("--clusters", type=int, default=None,
@@ -110,12 +120,15 @@ def main(argv=None):
             raise HashConfigError(f"--experts {args.experts}: give the number of experts, at least 2")
         if args.hashes < 1:
             raise HashConfigError(f"--hashes {args.hashes}: must be at least 1")
+        if not 1 <= args.topk <= args.experts or (args.topk > 1 and args.hashes > 1):
+            raise HashConfigError(f"--topk {args.topk}: must lie in [1, --experts {args.experts}], "
+                                  f"and --hashes must be 1 with --topk above 1")
         if not args.output:
             raise HashConfigError("--output FILE is required")
         table, dictionary, source = build(args)
     except HashConfigError as e:
         parser.exit(2, f"fairseq-hash-table: error: {e}\n")
-    save_table_file(args.output, table, args.type, args.experts, dictionary, source)
+    save_table_file(args.output, table, args.type, args.experts, dictionary, source, args.topk)
     fn = HASH_REGISTRY[args.type]
     if fn.token_rows and fn.columns_per_hash == 1:
         share = expected_load(table, token_counts(dictionary), args.experts)

@@ -17,9 +17,10 @@ import logging
 import os
 import pkgutil
 import re
-import subprocess
 import sys
 import warnings
+
+from .fairseq_runner import run_fairseq
 
 logger = logging.getLogger("fairseq_hash.prepare")
 
@@ -133,14 +134,15 @@ def prepare(output_dir, text=None, vocab_size=2000, valid_pct=5.0, test_pct=5.0,
     for split in counts:
         encode_file(sp, os.path.join(raw, f"{split}.txt"), os.path.join(raw, f"{split}.spm"))
     tmp = data_bin + ".tmp"
-    subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), "--only-source", "--task", "language_modeling",
-         "--trainpref", os.path.join(raw, "train.spm"),
-         "--validpref", os.path.join(raw, "valid.spm"),
-         "--testpref", os.path.join(raw, "test.spm"),
-         "--destdir", tmp, "--workers", str(workers)],
-        check=True, stdout=subprocess.DEVNULL,
-    )
+    done = run_fairseq("fairseq-preprocess", [
+        "--only-source", "--task", "language_modeling",
+        "--trainpref", os.path.join(raw, "train.spm"),
+        "--validpref", os.path.join(raw, "valid.spm"),
+        "--testpref", os.path.join(raw, "test.spm"),
+        "--destdir", tmp, "--workers", workers], os.path.join(output_dir, "preprocess.log"))
+    if not done.ok:
+        raise SystemExit(f"fairseq-hash-prepare: error: fairseq-preprocess failed "
+                         f"({done.last_line()}); see {done.log_path}")
     os.replace(tmp, data_bin)  # a half-written data-bin is never left behind
     return data_bin
 

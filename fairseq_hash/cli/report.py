@@ -7,7 +7,8 @@ PNG of the load a hash layer (``load_layer{i}.png``). For every MoE layer:
 tokens per expert and their share, max/mean imbalance (1.0 is perfect), the
 entropy of the load in bits (and divided by log2 K), the most frequent tokens
 of each expert, and the split's perplexity. MultiHash layers are counted per
-expert over all their hashes, and per hash under ``per_hash``. With
+expert over all their hashes, and per hash under ``per_hash``; top-k layers
+(``--hash-topk``) over all k slots of a token, and per slot under ``per_slot``. With
 ``--compare OTHER.pt`` it also reports, per layer, the fraction of tokens
 whose expert differs between the two checkpoints (always 0 for a hash layer
 whose table was kept; useful for learned routers). Padding is never counted.
@@ -16,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import warnings
 
 import torch
 
@@ -64,21 +66,25 @@ def collect(model, task, subset="valid", max_tokens=4096, max_batches=0):
     pad = task.dictionary.pad()
     tokens, experts = [], {idx: [] for idx in model.decoder.moe_layers}
     nll, count = 0.0, 0
-    for i, sample in enumerate(batches(task, subset, max_tokens)):
-        if max_batches and i >= max_batches:
-            break
-        src = sample["net_input"]["src_tokens"]  # [B, T]
-        out = model(**sample["net_input"])
-        lprobs = model.get_normalized_probs(out, log_probs=True)  # [B, T, V]
-        target = sample["target"]
-        keep_target = target.ne(pad)
-        nll -= float(lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)[keep_target].sum())
-        count += int(keep_target.sum())
-        flat = src.t().reshape(-1)  # layers see time-major [T, B]
-        keep = flat.ne(pad)
-        tokens.append(flat[keep])
-        for idx, moe in model.decoder.moe_layers.items():
-            experts[idx].append(layer_experts(moe)[keep])
+    with warnings.catch_warnings():
+        # fairseq's loader asks for pinned memory without a GPU, and its
+        # attention passes masks of two dtypes: torch warns about both
+        warnings.simplefilter("ignore", UserWarning)
+        for i, sample in enumerate(batches(task, subset, max_tokens)):
+            if max_batches and i >= max_batches:
+                break
+            src = sample["net_input"]["src_tokens"]  # [B, T]
+            out = model(**sample["net_input"])
+            lprobs = model.get_normalized_probs(out, log_probs=True)  # [B, T, V]
+            target = sample["target"]
+            keep_target = target.ne(pad)
+            nll -= float(lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)[keep_target].sum())
+            count += int(keep_target.sum())
+            flat = src.t().reshape(-1)  # layers see time-major [T, B]
+            keep = flat.ne(pad)
+            tokens.append(flat[keep])
+            for idx, moe in model.decoder.moe_layers.items():
+                experts[idx].append(layer_experts(moe)[keep])
     if not tokens:
         raise HashConfigError(f"--subset {subset} is empty")
     return torch.cat(tokens), {idx: torch.cat(e) for idx, e in experts.items()}, nll / max(count, 1)
@@ -127,17 +133,16 @@ def layer_report(moe, tokens, experts, dictionary, top):
         "top_tokens": top_tokens(tokens, experts, num, dictionary, top),
     }
     if experts.size(1) > 1:
-        entry["per_hash"] = [load_stats(experts[:, m], num) for m in range(experts.size(1))]
+        # a token's k experts (--hash-topk), or its N hashes (MultiHash)
+        key = "per_slot" if getattr(router, "topk", 1) > 1 else "per_hash"
+        entry[key] = [load_stats(experts[:, m], num) for m in range(experts.size(1))]
     return entry
 
 
 def plot_load(entry, title, path):
-    import logging
-
     import matplotlib
 
     matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq logs at DEBUG
     import matplotlib.pyplot as plt
 
     k = entry["num_experts"]

@@ -3,7 +3,7 @@
     fairseq-train data-bin --user-dir "$(fairseq-hash-user-dir)" --arch hash_transformer_lm ...
 
 The path is absolute, so commands and checkpoints that record it work from
-any working directory. It does not import the package (nor fairseq).
+any working directory.
 """
 import importlib.util
 import os

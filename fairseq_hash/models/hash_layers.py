@@ -28,6 +28,8 @@ from ..hashing import (HASH_REGISTRY, RouteInputs, build_hash_function,
 from ..moe_layer import MoELayer
 from ..multihash import MultiHashRouter, SegmentedExpertFFN, check_hash_count
 from ..routers import ROUTERS, HashRouter, build_learned_router
+from ..scores import HashScoreGate, check_score
+from ..shared_experts import SharedExpertMoELayer, SharedExperts
 from ..table_file import load_table_file
 
 logger = logging.getLogger(__name__)
@@ -88,7 +90,51 @@ class HashRoutingConfig(FairseqDataclass):
             "help": "JSON table file from fairseq-hash-table (or your own, see "
             "docs/hash_tables.md) used by every hash layer instead of building one; "
             "its type, expert count and dictionary must match --hash-type, "
-            "--hash-experts and the data"
+            "--hash-experts and the data. A .pt or .safetensors file holding an "
+            "integer tensor tid2eid [vocabulary, --hash-topk] is imported as the table"
+        },
+    )
+    hash_topk: int = field(
+        default=1,
+        metadata={
+            "help": "experts per token k: every hash table gives each token k distinct "
+            "experts, whose outputs are averaged or weighed by --hash-score (default 1: "
+            "the paper's hash layer; not with --hash-count > 1)"
+        },
+    )
+    hash_score: str = field(
+        default="none",
+        metadata={
+            "help": "weights of a token's k experts: none (the paper: plain output for "
+            "k=1, mean for k>1), or a learned linear gate over the hidden state, "
+            "evaluated at the k hashed experts only: softmax, sigmoid or sqrt-softplus "
+            "(normalised over the k when k>1)"
+        },
+    )
+    hash_score_scale: float = field(
+        default=1.0,
+        metadata={"help": "--hash-score: every expert weight is multiplied by this (default 1)"},
+    )
+    hash_shared_experts: int = field(
+        default=0,
+        metadata={
+            "help": "number of shared experts: dense FFNs every token of a hash layer "
+            "passes through, added to the routed experts' output (default 0)"
+        },
+    )
+    hash_shared_ffn_dim: int = field(
+        default=0,
+        metadata={
+            "help": "hidden width of each shared expert (default 0: "
+            "--decoder-ffn-embed-dim)"
+        },
+    )
+    hash_expert_ffn_dim: int = field(
+        default=0,
+        metadata={
+            "help": "hidden width of each routed expert (default 0: "
+            "--decoder-ffn-embed-dim); e.g. half of it, with a shared expert of the "
+            "other half, keeps a token's compute that of the dense FFN"
         },
     )
     moe_expert_parallel_size: int = field(
@@ -206,6 +252,24 @@ def check_hash_args(args):
         raise HashConfigError(f"--router {router!r} is unknown; valid: {', '.join(ROUTERS)}")
     if router == "switch" and not getattr(args, "capacity_factor", 1.25) > 0:
         raise HashConfigError(f"--capacity-factor {args.capacity_factor}: must be positive")
+    check_topk_args(args)
+
+
+def check_topk_args(args):
+    topk, count = getattr(args, "hash_topk", 1), getattr(args, "hash_count", 1)
+    score = getattr(args, "hash_score", "none")
+    if not 1 <= topk <= args.hash_experts:
+        raise HashConfigError(f"--hash-topk {topk}: must lie in [1, --hash-experts "
+                              f"{args.hash_experts}]")
+    if topk > 1 and count > 1:
+        raise HashConfigError(f"--hash-topk {topk} with --hash-count {count}: MultiHash already "
+                              f"sends a token to {count} expert segments; use one of the two")
+    check_score(score, topk, getattr(args, "hash_score_scale", 1.0))
+    if getattr(args, "router", "hash") != "hash" and (topk > 1 or score != "none"):
+        raise HashConfigError("--hash-topk and --hash-score need --router hash (learned routers "
+                              "choose and weigh their experts themselves)")
+    if getattr(args, "hash_shared_experts", 0) < 0:
+        raise HashConfigError(f"--hash-shared-experts {args.hash_shared_experts}: must be 0 or more")
 
 
 def _identity(x):
@@ -230,24 +294,28 @@ def replace_ffn(layer: nn.Module, moe: MoELayer):
     layer.fc2 = nn.Identity()
 
 
-def build_hash_router(args, dictionary, layer_idx: int, count: int) -> HashRouter:
+def build_hash_router(args, dictionary, layer_idx: int, count: int, gate=None) -> HashRouter:
     hash_fn = build_hash_function(args.hash_type, args.hash_experts)
     router_cls = HashRouter if count == 1 else MultiHashRouter
+    topk = getattr(args, "hash_topk", 1)
+    extra = dict(topk=topk, gate=gate) if count == 1 else {}
     fingerprint = dictionary_fingerprint(dictionary)
     hash_file = getattr(args, "hash_file", None)
     if hash_file and not os.path.exists(hash_file):
         # fairseq rebuilds a model from its saved flags before loading its
         # weights, and the table is among them: a moved file is not needed then
         return router_cls.awaiting_checkpoint(hash_fn, args.hash_experts, fingerprint,
-                                              hash_file, count)
+                                              hash_file, max(count, topk), **extra)
+    seed = args.hash_seed + layer_idx
     if hash_file:
         # one table from the file serves every hash layer
-        table = load_table_file(hash_file, dictionary, args.hash_type, args.hash_experts, count)
+        table = load_table_file(hash_file, dictionary, args.hash_type, args.hash_experts, count,
+                                topk)
+    elif topk > 1:
+        table = hash_fn.build_topk_table(dictionary, args.hash_experts, topk, seed)
     else:
-        table = hash_fn.build_table(
-            dictionary, args.hash_experts, num_hashes=count, seed=args.hash_seed + layer_idx
-        )
-    return router_cls(hash_fn, table, args.hash_experts, fingerprint)
+        table = hash_fn.build_table(dictionary, args.hash_experts, num_hashes=count, seed=seed)
+    return router_cls(hash_fn, table, args.hash_experts, fingerprint, **extra)
 
 
 def ddp_backend_of(args):
@@ -286,7 +354,12 @@ def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: in
                 "experts on several ranks use --router hash, switch or top2, or "
                 "--moe-expert-parallel-size 1 (every expert on every rank)")
     if not learned:
-        router = build_hash_router(args, dictionary, layer_idx, count)
+        score = getattr(args, "hash_score", "none")
+        gate = None if score == "none" else HashScoreGate(
+            embed_dim, args.hash_experts, score, getattr(args, "hash_score_scale", 1.0))
+        router = build_hash_router(args, dictionary, layer_idx, count, gate)
+    shared_ffn_dim = getattr(args, "hash_shared_ffn_dim", 0) or ffn_dim
+    ffn_dim = getattr(args, "hash_expert_ffn_dim", 0) or ffn_dim
     # Experts and learned routers draw from generators of their own, seeded by
     # --seed (fairseq's torch seed) and the layer: the shared weights and
     # fairseq's random stream (dropout) stay exactly those of transformer_lm.
@@ -304,7 +377,13 @@ def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: in
                                           getattr(args, "capacity_factor", 1.25))
     if layout is not None:
         sync_expert_gradients(list(experts.parameters()), layout)
-    return MoELayer(router, experts, build_exchange(args, layout, experts))
+    exchange = build_exchange(args, layout, experts)
+    if getattr(args, "hash_shared_experts", 0):
+        with torch.random.fork_rng(devices=[]):  # a generator of their own, as the router's
+            torch.default_generator.manual_seed(seed + 1)
+            shared = SharedExperts(args.hash_shared_experts, embed_dim, shared_ffn_dim)
+        return SharedExpertMoELayer(router, experts, shared, exchange)
+    return MoELayer(router, experts, exchange)
 
 
 def pass_route_through(layer: nn.Module, moe: MoELayer):
@@ -350,7 +429,8 @@ def log_expected_load(moe_layers, dictionary, side: str = "decoder"):
             continue  # a learned router (load learned, not known ahead), or no table yet
         if not router.hash_fn.token_rows:
             continue  # not a token table (e.g. position); load depends on the data
-        share = expected_load(router.table, counts, router.num_experts)[0]
+        # a top-k table's k columns are all slots of a token: each counts
+        share = expected_load(router.table, counts, router.num_experts)[:router.topk].mean(0)
         logger.info(
             f"{side} hash layer {idx} ({router.hash_fn.name}, {router.num_experts} experts): "
             f"expected share per expert min {share.min():.4f} max {share.max():.4f}, "
@@ -468,10 +548,13 @@ class HashLayers:
             table = state_dict.get(f"{name}.layers.{idx}.fc1.router.table")
             if table is not None and table.size(1) != moe.router.table.size(1):
                 per_hash = moe.router.hash_fn.columns_per_hash
+                # a top-k table has a column per expert of a token, MultiHash one per hash
+                what, flag = (("expert(s) per token", "--hash-topk")
+                              if getattr(moe.router, "topk", 1) > 1 else ("hash(es)", "--hash-count"))
                 raise HashConfigError(
-                    f"the checkpoint has {table.size(1) // per_hash} hash(es) in {self.side} "
-                    f"hash layer {idx} but --hash-count is {moe.router.table.size(1) // per_hash}; use "
-                    f"the checkpoint's value"
+                    f"the checkpoint has {table.size(1) // per_hash} {what} in {self.side} "
+                    f"hash layer {idx} but {flag} is {moe.router.table.size(1) // per_hash}; "
+                    f"use the checkpoint's value"
                 )
             missing = f"{name}.layers.{idx}.fc1.router.table"
             if missing not in state_dict and f"{name}.layers.{idx}.fc1.weight" in state_dict:

@@ -1,26 +1,25 @@
-"""Expert parallelism on 2 CPU processes: the layer, and whole-model training.
+"""``fairseq-hash-bench --ranks 2``: expert parallelism on 2 gloo processes.
 
-    python benchmarks/expert_parallel.py layer [--experts 16] [--tokens 4096] [--json F]
-    python benchmarks/expert_parallel.py train --data-bin DIR [--experts 16] [--json F]
-    python benchmarks/expert_parallel.py counts [--layers 4]
+    fairseq-hash-bench --ranks 2 --experts 16 --tokens 4096     # the layer
+    fairseq-hash-bench --ranks 2 --train --experts 16           # fairseq-train, 2 ranks
+    fairseq-hash-bench --ranks 2 --counts                       # exchange sizes
 
-``counts`` times what the decoder does before its layers run (one all-gather
+``--counts`` times what the decoder does before its layers run (one all-gather
 of every hash layer's per-expert counts) against one all-gather a layer.
 
-``layer`` times one hash layer's forward and backward (d=512, f=2048), each
+The layer mode times one hash layer's forward and backward (d=512, f=2048), each
 of 2 gloo ranks holding K/2 experts and its own S tokens, with the default
 exchange (``alltoall``) and with fairscale's ``MOELayer`` (``fairscale``),
 against the same layer on one process over the same 2S tokens with all K
 experts. It prints the time per step and the rows and bytes each rank sends
 per step (forward and backward, both directions).
 
-``train`` runs ``fairseq-train`` on 2 gloo ranks (launched by hand, as
+``--train`` runs ``fairseq-train`` on 2 gloo ranks (launched by hand, as
 README.md shows): the hash LM expert-parallel, and the dense ``transformer_lm``
 data-parallel on the same global batch, and prints fairseq's words/s of each.
 On N GPUs, the same comparison is ``fairseq-train ... --distributed-world-size
 N`` with and without ``--arch hash_transformer_lm`` (BENCHMARKS.md).
 """
-import argparse
 import json
 import os
 import socket
@@ -29,6 +28,10 @@ import sys
 import time
 
 import torch
+
+from .user_dir import user_dir
+
+SELF = [sys.executable, "-m", "fairseq_hash.cli.bench_parallel"]  # a worker rank
 
 
 def free_port():
@@ -106,7 +109,7 @@ def counts_worker(rank, port, experts, layers, repeat, out):
 
 def run_counts(args):
     port, out = free_port(), f"/tmp/ep-counts-{os.getpid()}"
-    procs = [subprocess.Popen([sys.executable, __file__, "_counts", str(r), str(port),
+    procs = [subprocess.Popen([*SELF, "_counts", str(r), str(port),
                                str(args.experts), str(args.layers), "200", out])
              for r in range(2)]
     if any(p.wait() for p in procs):
@@ -126,7 +129,7 @@ def run_layer(args):
                                 ("2 ranks, fairscale MOELayer", 2, args.tokens)):
         port, out = free_port(), f"/tmp/ep-bench-{os.getpid()}"
         dispatch = "fairscale" if "fairscale" in name else "alltoall"
-        procs = [subprocess.Popen([sys.executable, __file__, "_layer", str(r), str(world),
+        procs = [subprocess.Popen([*SELF, "_layer", str(r), str(world),
                                    str(port), str(args.experts), str(tokens), dispatch,
                                    str(args.repeat), out]) for r in range(world)]
         for p in procs:
@@ -146,12 +149,10 @@ def run_layer(args):
 
 
 def fairseq_words_per_second(args, arch_flags, port):
-    base = [args.data_bin, "--task", "language_modeling", "--user-dir",
-            os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "fairseq_hash"),
+    base = [args.data_bin, "--task", "language_modeling", "--user-dir", user_dir(),
             "--decoder-layers", "4", "--decoder-embed-dim", "256",
             "--decoder-ffn-embed-dim", "1024", "--decoder-attention-heads", "4",
-            "--tokens-per-sample", "128", "--max-tokens", str(args.max_tokens),
+            "--tokens-per-sample", "128", "--max-tokens", str(args.train_tokens),
             "--optimizer", "adam", "--lr", "0.0005", "--max-update", str(args.updates),
             "--cpu", "--num-workers", "0", "--log-format", "json", "--log-interval", "2",
             "--no-save", "--disable-validation", "--distributed-world-size", "2",
@@ -174,6 +175,11 @@ def fairseq_words_per_second(args, arch_flags, port):
 
 
 def run_train(args):
+    if not args.data_bin:
+        from .prepare import prepare
+
+        os.makedirs(args.work_dir, exist_ok=True)
+        args.data_bin = prepare(os.path.join(args.work_dir, "data"))
     hash_flags = ["--arch", "hash_transformer_lm", "--hash-layer", "-1",
                   "--hash-experts", str(args.experts)]
     rows = [{"model": "dense, data-parallel", "wps": fairseq_words_per_second(
@@ -187,32 +193,25 @@ def run_train(args):
     return rows
 
 
-def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "_counts":
-        a = sys.argv[2:]
-        return counts_worker(int(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]), a[5])
-    if len(sys.argv) > 1 and sys.argv[1] == "_layer":
-        a = sys.argv[2:]
-        return layer_worker(int(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]), a[5],
-                            int(a[6]), a[7])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["layer", "train", "counts"])
-    parser.add_argument("--layers", type=int, default=4, help="counts: hash layers")
-    parser.add_argument("--experts", type=int, default=16, help="K (default 16)")
-    parser.add_argument("--tokens", type=int, default=4096, help="layer: tokens a rank")
-    parser.add_argument("--repeat", type=int, default=5, help="layer: timed steps (median)")
-    parser.add_argument("--data-bin", help="train: a language-modelling data-bin folder")
-    parser.add_argument("--max-tokens", type=int, default=2048, help="train: tokens a rank")
-    parser.add_argument("--updates", type=int, default=16, help="train: updates a run")
-    parser.add_argument("--json", help="also write the rows to this file")
-    args = parser.parse_args()
-    if args.mode == "train" and not args.data_bin:
-        parser.error("train needs --data-bin")
-    rows = {"layer": run_layer, "train": run_train, "counts": run_counts}[args.mode](args)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+def run_ranks(args) -> list:
+    """The --ranks 2 modes of fairseq-hash-bench; ``args`` are its parsed flags."""
+    if args.ranks != 2:
+        raise SystemExit("fairseq-hash-bench: error: --ranks supports 2 (gloo processes on "
+                         "this machine); for N GPUs see BENCHMARKS.md")
+    args.experts, args.tokens = args.experts[0], (args.tokens or [4096])[0]
+    if args.counts:
+        return run_counts(args)
+    return run_train(args) if args.train else run_layer(args)
+
+
+def worker_main(argv):
+    mode, a = argv[0], argv[1:]
+    if mode == "_counts":
+        counts_worker(int(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]), a[5])
+    else:
+        layer_worker(int(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]), a[5], int(a[6]),
+                     a[7])
 
 
 if __name__ == "__main__":
-    main()
+    worker_main(sys.argv[1:])

@@ -1,0 +1,71 @@
+"""Learned combination scores for top-k hash routing (``--hash-score``).
+
+    gate = HashScoreGate(embed_dim=512, num_experts=16, score="softmax", scale=1.0)
+    weights = gate(x, indices)   # x: [S, d], indices: [S, k] hashed experts -> [S, k]
+
+The hash still chooses the experts; the gate only weighs their outputs, as in
+DeepSeek-V4's hash-routed layers. It is a linear map d -> K (no bias) whose
+rows are gathered at a token's k hashed experts, so the logits ``[S, k]`` are
+computed for those experts only, never for all K. Scores:
+
+    none           1/k for every slot (the paper: plain output for k = 1, mean for k > 1)
+    softmax        softmax of the k logits
+    sigmoid        sigmoid of each logit, divided by their sum over the k
+    sqrt-softplus  sqrt(softplus(logit)), divided by their sum over the k
+
+then multiplied by ``scale`` (``--hash-score-scale``). With k = 1 nothing is
+normalised (one normalised score is the constant 1, from which the gate would
+learn nothing): the output is scaled by ``scale * score(logit)``; softmax,
+always 1 there, is refused. The gate's weights are shared parameters (not
+``expert``), start at zero so that a new layer starts as the mean of its k
+experts, and the scores are computed in float32.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import HashConfigError
+
+SCORES = ("none", "softmax", "sigmoid", "sqrt-softplus")
+
+
+def check_score(score: str, topk: int, scale: float):
+    if score not in SCORES:
+        raise HashConfigError(f"--hash-score {score!r} is unknown; valid: {', '.join(SCORES)}")
+    if score == "softmax" and topk == 1:
+        raise HashConfigError("--hash-score softmax over --hash-topk 1 expert is always 1; use "
+                              "sigmoid or sqrt-softplus, or --hash-topk 2 or more")
+    if not scale > 0:
+        raise HashConfigError(f"--hash-score-scale {scale}: must be positive")
+
+
+class HashScoreGate(nn.Module):
+    """Weights ``[S, k]`` of a token's k hashed experts from its hidden state.
+
+    Args:
+        embed_dim (int): d
+        num_experts (int): K
+        score (str): one of ``SCORES`` other than ``none``
+        scale (float): multiplies every weight
+    """
+
+    def __init__(self, embed_dim: int, num_experts: int, score: str, scale: float = 1.0):
+        super().__init__()
+        if score not in SCORES[1:]:
+            raise HashConfigError(f"--hash-score {score!r}: a gate needs one of {', '.join(SCORES[1:])}")
+        self.score = score
+        self.scale = scale
+        self.weight = nn.Parameter(torch.zeros(num_experts, embed_dim))  # [K, d]
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(indices, self.weight)  # [S, k, d]: the k hashed experts' rows only
+        logits = torch.einsum("sd,skd->sk", x, rows.to(x.dtype)).float()  # [S, k]
+        if self.score == "softmax":
+            return torch.softmax(logits, dim=-1) * self.scale
+        scores = torch.sigmoid(logits) if self.score == "sigmoid" else F.softplus(logits).sqrt()
+        if indices.size(1) > 1:
+            scores = scores / scores.sum(dim=-1, keepdim=True)
+        return scores * self.scale
+
+    def extra_repr(self):
+        return f"score={self.score}, scale={self.scale}, experts={self.weight.size(0)}"
