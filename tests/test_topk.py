@@ -250,7 +250,7 @@ def test_a_checkpoint_refuses_another_top_k(tmp_path):
     two, _ = hashfns_model(data, "--hash-topk", 2)
     three, _ = hashfns_model(data, "--hash-topk", 3)
     with pytest.raises(HashConfigError, match="the checkpoint has 2 expert\\(s\\) per token in "
-                                              "hash layer 1 but --hash-topk is 3"):
+                                              "decoder hash layer 1 but --hash-topk is 3"):
         three.load_state_dict(two.state_dict())
 
 
