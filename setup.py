@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="Hash Layers (Roller et al., 2021) for fairseq Transformers",
     packages=find_packages(include=["fairseq_hash", "fairseq_hash.*"]),
+    # fairseq-hydra-train configs
+    package_data={"fairseq_hash": ["config/*.yaml"]},
     python_requires=">=3.10",
     # ranges, not pins: installed into an existing fairseq environment, the
     # plugin keeps its torch. run/setup.sh installs the exact versions of
