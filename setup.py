@@ -36,6 +36,7 @@ setup(
             "fairseq-hash-study=fairseq_hash.cli.hash_study:main",
             "fairseq-hash-bench=fairseq_hash.cli.bench:main",
             "fairseq-hash-upcycle=fairseq_hash.cli.upcycle:main",
+            "fairseq-hash-finetune=fairseq_hash.cli.finetune:main",
         ],
     },
 )

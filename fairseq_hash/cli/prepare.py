@@ -31,9 +31,14 @@ _SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "p
 
 def builtin_corpus_lines(max_lines: int = 0):
     """Paragraphs of the standard library's docstrings, in a fixed order."""
+    return [line for _, line in builtin_corpus_items(max_lines)]
+
+
+def builtin_corpus_items(max_lines: int = 0):
+    """``(module name, paragraph)`` of the standard library's docstrings, in a fixed order."""
     top = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names)
     names = [n for n in top if not n.startswith("_") and n not in _SKIP]
-    seen, lines = set(), []
+    seen, items = set(), []
     while names:
         name = names.pop(0)
         try:
@@ -56,10 +61,10 @@ def builtin_corpus_lines(max_lines: int = 0):
                 line = " ".join(para.split())
                 if len(line.split()) >= 4 and line not in seen:
                     seen.add(line)
-                    lines.append(line)
-        if max_lines and len(lines) >= max_lines:
+                    items.append((name, line))
+        if max_lines and len(items) >= max_lines:
             break
-    return lines[:max_lines] if max_lines else lines
+    return items[:max_lines] if max_lines else items
 
 
 def split_of(line: str, valid_pct: float, test_pct: float) -> str:

@@ -1,0 +1,99 @@
+"""fairseq-hash-finetune: dense and hash RoBERTa pretrained, fine-tuned and tested alike."""
+import json
+import os
+import random
+import sys
+
+import pytest
+
+from conftest import run
+
+# the smallest models and runs the command takes; about a minute on 2 cores
+TINIEST = ["--preset", "tiny", "--vocab-size", "60", "--layers", "1", "--embed-dim", "32",
+           "--ffn-dim", "64", "--heads", "2", "--experts", "2", "--max-positions", "32",
+           "--max-tokens", "512", "--pretrain-updates", "10", "--finetune-updates", "60",
+           "--validate-every", "30", "--warmup-updates", "5", "--finetune-lr", "0.003"]
+
+
+def finetune_command(*args):
+    return [sys.executable, "-m", "fairseq_hash.cli.finetune", *map(str, args)]
+
+
+def write_labelled(folder, n=500, seed=0):
+    """Lines of words from one of two disjoint word sets; the label names the set."""
+    rng = random.Random(seed)
+    sets = {"red": [f"ro{i}" for i in range(8)], "blue": [f"bu{i}" for i in range(8)]}
+    text, labels = os.path.join(folder, "text.txt"), os.path.join(folder, "labels.txt")
+    with open(text, "w") as x, open(labels, "w") as y:
+        for _ in range(n):
+            label = rng.choice(sorted(sets))
+            x.write(" ".join(rng.choice(sets[label]) for _ in range(rng.randint(3, 8))) + "\n")
+            y.write(label + "\n")
+    return text, labels
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("finetune"))
+    text, labels = write_labelled(root)
+    out = os.path.join(root, "out")
+    run(finetune_command("--output-dir", out, "--text", text, "--labels", labels, *TINIEST))
+    with open(os.path.join(out, "results.json")) as f:
+        return out, json.load(f)
+
+
+def test_finetune_writes_results_markdown_json_and_plot(results):
+    out, _ = results
+    for name in ("results.md", "results.json", "curves.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    with open(os.path.join(out, "results.md")) as f:
+        table = f.read()
+    assert "| dense |" in table and "| hash | 2 |" in table
+
+
+def test_finetune_reports_test_accuracy_of_both_models_in_unit_interval(results):
+    _, data = results
+    rows = {r["model"]: r for r in data["rows"]}
+    assert sorted(rows) == ["dense", "hash"]
+    for row in rows.values():
+        assert row["ok"]
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+        assert 0.0 <= row["valid_accuracy"] <= 1.0
+    # the hash model holds K = 2 experts where dense has one FFN
+    assert rows["hash"]["total_params"] > rows["dense"]["total_params"]
+
+
+def test_finetune_learns_a_learnable_label_above_chance(results):
+    _, data = results
+    chance = data["settings"]["chance"]
+    assert data["settings"]["classes"] == 2 and chance < 0.6
+    for row in data["rows"]:
+        assert row["test_accuracy"] > chance + 0.2, row
+
+
+def test_labels_of_another_length_are_refused_in_one_line_and_nothing_written(tmp_path):
+    text, labels = write_labelled(str(tmp_path), n=20)
+    with open(labels, "a") as f:
+        f.write("red\n")
+    out = str(tmp_path / "out")
+    proc = run(finetune_command("--output-dir", out, "--text", text, "--labels", labels),
+               check=False)
+    assert proc.returncode == 2
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("fairseq-hash-finetune: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "--labels" in errors[0] and "21 lines" in errors[0] and "has 20" in errors[0]
+    assert not os.path.exists(out)
+
+
+def test_builtin_task_labels_balanced_packages_of_the_stdlib():
+    from fairseq_hash.cli.finetune import package_lines
+    from fairseq_hash.cli.prepare import builtin_corpus_items
+
+    lines, labels = package_lines(3)
+    counts = {label: labels.count(label) for label in set(labels)}
+    assert len(counts) == 3 and len(set(counts.values())) == 1
+    module_of = {line: name for name, line in builtin_corpus_items()}
+    for line, label in zip(lines, labels):
+        # the label is the package the paragraph's module belongs to
+        assert module_of[line].split(".")[0] == label
+    assert all(any(m.startswith(p + ".") for m in module_of.values()) for p in counts)
