@@ -97,3 +97,27 @@ def test_builtin_task_labels_balanced_packages_of_the_stdlib():
         # the label is the package the paragraph's module belongs to
         assert module_of[line].split(".")[0] == label
     assert all(any(m.startswith(p + ".") for m in module_of.values()) for p in counts)
+
+
+def test_finetune_takes_an_existing_data_bin(results, tmp_path):
+    out, first = results
+    cls_bin = first["settings"]["data"]
+    again = str(tmp_path / "again")
+    run(finetune_command("--output-dir", again, "--data-bin", cls_bin, "--models", "hash",
+                         *TINIEST, "--finetune-updates", "10", "--validate-every", "10"))
+    with open(os.path.join(again, "results.json")) as f:
+        data = json.load(f)
+    assert data["settings"]["data"] == cls_bin and data["settings"]["classes"] == 2
+    assert [r["model"] for r in data["rows"]] == ["hash"] and data["rows"][0]["ok"]
+    assert not os.path.exists(os.path.join(again, "data"))  # nothing prepared again
+
+
+def test_data_bin_without_labels_is_refused_in_one_line(tmp_path):
+    (tmp_path / "input0").mkdir()
+    proc = run(finetune_command("--output-dir", str(tmp_path / "out"), "--data-bin",
+                                str(tmp_path)), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"fairseq-hash-finetune: error: --data-bin {tmp_path}: no input0/dict.txt; give a folder "
+        "of input0/ and label/, each made by fairseq-preprocess --only-source with train, valid "
+        "and test splits"]
