@@ -1,6 +1,6 @@
 """``fairseq-hash-finetune``: pretrain dense and hash RoBERTa alike, fine-tune both, compare.
 
-    fairseq-hash-finetune --output-dir work/finetune --preset tiny     # 71 s on 2 cores
+    fairseq-hash-finetune --output-dir work/finetune --preset tiny     # 71-85 s on 2 shared cores
     fairseq-hash-finetune --output-dir out --text docs.txt --labels labels.txt
     fairseq-hash-finetune --output-dir out --data-bin cls-bin          # input0/ and label/
 
@@ -40,7 +40,7 @@ MODELS = {
 }
 
 PRESETS = {
-    # 71 s on 2 shared cores for both models, built-in corpus included
+    # 71-85 s on 2 shared cores for both models, built-in corpus included
     "tiny": dict(classes=4, vocab_size=1000, layers=2, embed_dim=64, ffn_dim=128, heads=2,
                  experts=4, hash_layer="-1", max_positions=128, max_tokens=2048,
                  pretrain_updates=100, finetune_updates=100, validate_every=25,
