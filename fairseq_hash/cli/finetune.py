@@ -144,7 +144,7 @@ def label_count(cls_bin):
 
 
 def split_sizes(cls_bin):
-    """Sentences of each split, from fairseq's index files (12-byte header, then counts)."""
+    """Sentences of each split of label/."""
     from fairseq.data import data_utils
 
     return {s: len(data_utils.load_indexed_dataset(os.path.join(cls_bin, "label", s), None))
