@@ -74,6 +74,7 @@ class LocalExpert(nn.Module):
 
 class FairscaleExchange:
     def __init__(self, layout, experts):
+        self.layout = layout  # read by the MoE layer, the decoder's plan and checkpoints
         E = layout.parallel_size * experts.num_experts
         self.gate = DecidedGate(E, layout.group)
         self.moe = MOELayer(self.gate, nn.ModuleList(

@@ -205,3 +205,11 @@ def test_bad_layouts_and_backends_give_one_line_and_write_nothing(data_bin, tmp_
     proc.stderr = proc.stderr.replace("[rank0]: ", "")
     assert expected in error_line(proc)
     assert not os.path.exists(save) or not os.listdir(save)
+
+
+def test_fairscale_dispatch_trains_and_saves_every_expert(data_bin, tmp_path):
+    save = str(tmp_path / "fairscale")
+    proc = train_on_two_ranks(data_bin, save, "--max-update", "3", "--moe-dispatch", "fairscale")
+    assert len(losses(proc)) == 3
+    model = torch.load(os.path.join(save, "checkpoint_last.pt"))["model"]
+    assert model["decoder.layers.0.fc1.experts.fc1_weight"].size(0) == 4
