@@ -1,4 +1,5 @@
-"""fairseq-hash-finetune: dense and hash RoBERTa pretrained, fine-tuned and tested alike."""
+"""fairseq-hash-finetune: dense, hash and upcycled models pretrained, fine-tuned and tested alike."""
+import math
 import json
 import os
 import random
@@ -37,7 +38,8 @@ def results(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("finetune"))
     text, labels = write_labelled(root)
     out = os.path.join(root, "out")
-    run(finetune_command("--output-dir", out, "--text", text, "--labels", labels, *TINIEST))
+    run(finetune_command("--output-dir", out, "--text", text, "--labels", labels, "--tasks",
+                         "classify", *TINIEST))
     with open(os.path.join(out, "results.json")) as f:
         return out, json.load(f)
 
@@ -48,19 +50,27 @@ def test_finetune_writes_results_markdown_json_and_plot(results):
         assert os.path.getsize(os.path.join(out, name)) > 0
     with open(os.path.join(out, "results.md")) as f:
         table = f.read()
-    assert "| dense |" in table and "| hash | 2 |" in table
+    assert "| dense |" in table and "| hash | 2 |" in table and "| upcycled | 2 |" in table
+    assert "Next utterance" not in table  # --tasks classify
 
 
-def test_finetune_reports_test_accuracy_of_both_models_in_unit_interval(results):
-    _, data = results
+def test_finetune_reports_test_accuracy_of_every_model_in_unit_interval(results):
+    out, data = results
     rows = {r["model"]: r for r in data["rows"]}
-    assert sorted(rows) == ["dense", "hash"]
+    assert sorted(rows) == ["dense", "hash", "upcycled"] and data["seq2seq_rows"] == []
     for row in rows.values():
         assert row["ok"]
         assert 0.0 <= row["test_accuracy"] <= 1.0
         assert 0.0 <= row["valid_accuracy"] <= 1.0
-    # the hash model holds K = 2 experts where dense has one FFN
+    # the hash model holds K = 2 experts where dense has one FFN; upcycled is a hash model
     assert rows["hash"]["total_params"] > rows["dense"]["total_params"]
+    assert rows["upcycled"]["total_params"] == rows["hash"]["total_params"]
+    # upcycled is not pretrained: it starts from dense's pretrained checkpoint
+    assert rows["upcycled"]["pretrain_valid_loss"] is None
+    with open(os.path.join(out, "runs", "upcycled", "upcycle.log")) as f:
+        assert os.path.join("runs", "dense", "pretrain", "checkpoint_last.pt") in f.readline()
+    # checkpoints are deleted once every model is done (no --keep-checkpoints)
+    assert not os.path.exists(os.path.join(out, "runs", "dense", "pretrain"))
 
 
 def test_finetune_learns_a_learnable_label_above_chance(results):
@@ -104,7 +114,7 @@ def test_finetune_takes_an_existing_data_bin(results, tmp_path):
     cls_bin = first["settings"]["data"]
     again = str(tmp_path / "again")
     run(finetune_command("--output-dir", again, "--data-bin", cls_bin, "--models", "hash",
-                         *TINIEST, "--finetune-updates", "10", "--validate-every", "10"))
+                         "--tasks", "classify", *TINIEST, "--finetune-updates", "10", "--validate-every", "10"))
     with open(os.path.join(again, "results.json")) as f:
         data = json.load(f)
     assert data["settings"]["data"] == cls_bin and data["settings"]["classes"] == 2
@@ -121,3 +131,76 @@ def test_data_bin_without_labels_is_refused_in_one_line(tmp_path):
         f"fairseq-hash-finetune: error: --data-bin {tmp_path}: no input0/dict.txt; give a folder "
         "of input0/ and label/, each made by fairseq-preprocess --only-source with train, valid "
         "and test splits"]
+
+
+def write_dialogues(folder, conversations=300, seed=0):
+    """Two-turn conversations whose reply is the first turn reversed: a learnable rule."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(30)]
+    path = os.path.join(folder, "dialogues.txt")
+    with open(path, "w") as f:
+        for _ in range(conversations):
+            turn = [rng.choice(words) for _ in range(4)]
+            f.write(" ".join(turn) + "\n" + " ".join(reversed(turn)) + "\n\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def seq2seq_results(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("finetune-s2s"))
+    out = os.path.join(root, "out")
+    run(finetune_command("--output-dir", out, "--tasks", "seq2seq", "--dialogues",
+                         write_dialogues(root), *TINIEST, "--vocab-size", "200",
+                         "--max-positions", "64", "--finetune-updates", "40",
+                         "--validate-every", "20"))
+    with open(os.path.join(out, "results.json")) as f:
+        return out, json.load(f)
+
+
+def test_seq2seq_rows_of_every_model_report_perplexity_and_bleu(seq2seq_results):
+    out, data = seq2seq_results
+    rows = {r["model"]: r for r in data["seq2seq_rows"]}
+    assert sorted(rows) == ["dense", "hash", "upcycled"] and data["rows"] == []
+    for row in rows.values():
+        assert row["ok"], row
+        assert math.isfinite(row["valid_ppl"]) and row["valid_ppl"] >= 1
+        assert 0 <= row["test_bleu"] <= 100 and row["test_sentences"] > 0
+    assert rows["upcycled"]["total_params"] == rows["hash"]["total_params"] > rows["dense"]["total_params"]
+    assert rows["upcycled"]["pretrain_valid_ppl"] is None
+    with open(os.path.join(out, "results.md")) as f:
+        table = f.read()
+    assert "## Next utterance" in table and "| upcycled | 2 |" in table
+    assert "## Classification" not in table
+    # fine-tuning is on the dialogues, with the pretraining data-bin's dictionary
+    pre, fine = (data["settings"][f"s2s_{s}_data"] for s in ("pretrain", "finetune"))
+    with open(os.path.join(pre, "dict.src.txt")) as a, open(os.path.join(fine, "dict.src.txt")) as b:
+        assert a.read() == b.read()
+    assert data["settings"]["s2s_finetune_sizes"].split("/")[0] != "0"
+
+
+def test_seq2seq_fine_tuning_learns_the_reply_rule(seq2seq_results):
+    _, data = seq2seq_results
+    for row in data["seq2seq_rows"]:
+        (_, first), (_, last) = row["curve"][0], row["curve"][-1]
+        assert last < first / 2, row
+
+
+def test_upcycled_without_dense_is_refused_in_one_line_and_nothing_written(tmp_path):
+    out = str(tmp_path / "out")
+    proc = run(finetune_command("--output-dir", out, "--models", "hash,upcycled"), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "fairseq-hash-finetune: error: --models 'hash,upcycled': upcycled fine-tunes dense's "
+        "pretrained model; add dense"]
+    assert not os.path.exists(out)
+
+
+def test_dialogues_without_a_pair_are_refused_in_one_line(tmp_path):
+    path = tmp_path / "one-turn-each.txt"
+    path.write_text("hello there\n\nanother conversation\n")
+    out = str(tmp_path / "out")
+    proc = run(finetune_command("--output-dir", out, "--dialogues", str(path)), check=False)
+    assert proc.returncode == 2
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith(f"fairseq-hash-finetune: error: --dialogues {path}")
+    assert not os.path.exists(out)

@@ -30,6 +30,7 @@ import sys
 import time
 
 from .compare import _fmt
+from . import finetune_seq2seq as seq2seq
 from .fairseq_runner import device_flags, run_fairseq
 from .user_dir import user_dir
 
@@ -37,7 +38,10 @@ from .user_dir import user_dir
 MODELS = {
     "dense": ["--arch", "roberta"],
     "hash": ["--arch", "hash_roberta", "--hash-type", "balanced"],
+    # the dense pretrained checkpoint through fairseq-hash-upcycle, then fine-tuned as hash
+    "upcycled": ["--arch", "hash_roberta", "--hash-type", "balanced"],
 }
+TASKS = ("classify", "seq2seq")
 
 PRESETS = {
     # 71-85 s on 2 shared cores for both models, built-in corpus included
@@ -157,7 +161,7 @@ def shape_args(cfg, model):
     args = [*MODELS[model], "--encoder-layers", cfg.layers, "--encoder-embed-dim", cfg.embed_dim,
             "--encoder-ffn-embed-dim", cfg.ffn_dim, "--encoder-attention-heads", cfg.heads,
             "--max-positions", cfg.max_positions]
-    if model == "hash":
+    if model != "dense":
         args += ["--hash-experts", cfg.experts, "--encoder-hash-layer", cfg.hash_layer]
     return args
 
@@ -195,32 +199,27 @@ def finetune_args(cfg, cls_bin, model, checkpoint, save_dir, classes):
         "--valid-subset", "valid,test", "--required-batch-size-multiple", "1"]]
 
 
-def run_model(cfg, cls_bin, model, classes, index, count):
-    """Pretrain, fine-tune and test one model; returns its row."""
+def run_model(cfg, cls_bin, model, classes, tag):
+    """Pretrain (or upcycle), fine-tune and test one classifier; returns its row."""
     run_dir = os.path.join(cfg.output_dir, "runs", model)
     os.makedirs(run_dir, exist_ok=True)
-    tag = f"[{index}/{count} {model}]"
-    start = time.time()
-    row = {"model": model, "experts": cfg.experts if model == "hash" else None, "ok": False,
+    row = {"model": model, "experts": None if model == "dense" else cfg.experts, "ok": False,
            "pretrain_valid_loss": None, "valid_accuracy": None, "test_accuracy": None,
            "total_params": None, "curve": []}
-    pre_dir = os.path.join(run_dir, "pretrain")
-    print(f"{tag} masked-LM pretraining, {cfg.pretrain_updates} updates", flush=True)
-    pre = run_fairseq("fairseq-train", pretrain_args(cfg, cls_bin, model, pre_dir),
-                      os.path.join(run_dir, "pretrain.log"))
-    valid = pre.records("valid")
+    checkpoint, pre = seq2seq.starting_point(
+        cfg, run_dir, os.path.join(cfg.output_dir, "runs", "dense"), model, tag, "masked-LM", ["--encoder-hash-layer"],
+        lambda save_dir: pretrain_args(cfg, cls_bin, model, save_dir))
+    valid = pre.records("valid") if pre else []
     row["pretrain_valid_loss"] = valid[-1].get("valid_loss") if valid else None
-    params = pre.parameters()
-    if params["shared"] is not None:
-        row["total_params"] = params["shared"] + params["expert"]
-    checkpoint = os.path.join(pre_dir, "checkpoint_last.pt")
-    if not pre.ok or not os.path.exists(checkpoint):
-        print(f"{tag} pretraining failed: {pre.last_line()}; see {pre.log_path}", flush=True)
-        return _done(cfg, row, run_dir, start, tag)
+    if checkpoint is None:
+        return row
     fine_dir = os.path.join(run_dir, "finetune")
     print(f"{tag} sentence_prediction fine-tuning, {cfg.finetune_updates} updates", flush=True)
     fine = run_fairseq("fairseq-train", finetune_args(cfg, cls_bin, model, checkpoint, fine_dir, classes),
                        os.path.join(run_dir, "finetune.log"))
+    params = fine.parameters()
+    if params["shared"] is not None:
+        row["total_params"] = params["shared"] + params["expert"]
     row["curve"] = [(int(r["valid_num_updates"]), r["valid_accuracy"] / 100)
                     for r in fine.records("valid") if "valid_accuracy" in r]
     row["valid_accuracy"] = row["curve"][-1][1] if row["curve"] else None
@@ -230,73 +229,91 @@ def run_model(cfg, cls_bin, model, classes, index, count):
     else:
         row["test_accuracy"] = tested[-1]["test_accuracy"] / 100
         row["ok"] = True
-    return _done(cfg, row, run_dir, start, tag)
+    return row
 
 
-def _done(cfg, row, run_dir, start, tag):
-    if not cfg.keep_checkpoints:
-        for sub in ("pretrain", "finetune"):
-            shutil.rmtree(os.path.join(run_dir, sub), ignore_errors=True)
+def timed(row, start, tag, summary):
     row["seconds"] = round(time.time() - start, 1)
-    print(f"{tag} done in {row['seconds']:.0f}s: test accuracy {_fmt(row['test_accuracy'], 1, pct=True)}",
-          flush=True)
+    print(f"{tag} done in {row['seconds']:.0f}s: {summary}", flush=True)
     return row
 
 
 # ---------------------------------------------------------------- results
 
-def write_results(out_dir, rows, settings):
+def write_results(out_dir, rows, s2s_rows, settings):
     with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"settings": settings, "rows": rows}, f, indent=2)
-    lines = [
-        "# fairseq-hash-finetune", "",
-        "| model | experts | total params | masked-LM valid loss | valid accuracy | test accuracy |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['model']}{'' if r['ok'] else ' (failed)'} | {r['experts'] or '-'} "
-                     f"| {_fmt(r['total_params'])} | {_fmt(r['pretrain_valid_loss'])} "
-                     f"| {_fmt(r['valid_accuracy'], 1, pct=True)} "
-                     f"| {_fmt(r['test_accuracy'], 1, pct=True)} |")
+        json.dump({"settings": settings, "rows": rows, "seq2seq_rows": s2s_rows}, f, indent=2)
+    lines = ["# fairseq-hash-finetune", ""]
+    if "classify" in settings["tasks"]:
+        lines += [
+            "## Classification: masked-LM pretraining, sentence_prediction fine-tuning", "",
+            "| model | experts | total params | masked-LM valid loss | valid accuracy | test accuracy |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            lines.append(f"| {r['model']}{'' if r['ok'] else ' (failed)'} | {r['experts'] or '-'} "
+                         f"| {_fmt(r['total_params'])} | {_fmt(r['pretrain_valid_loss'])} "
+                         f"| {_fmt(r['valid_accuracy'], 1, pct=True)} "
+                         f"| {_fmt(r['test_accuracy'], 1, pct=True)} |")
+        lines += [
+            "",
+            f"Task: {settings['task']}; {settings['classes']} classes (chance "
+            f"{_fmt(settings['chance'], 1, pct=True)}, the largest class's share of the test split); "
+            f"sentences train/valid/test {settings['split_sizes']}.",
+            "",
+            "Masked-LM valid loss is fairseq-train's last validation (base 2) after pretraining; "
+            "upcycled starts from dense's pretrained model, so it has none of its own. Valid and test "
+            "accuracy are fairseq-train's scores of those splits after the last fine-tuning update.",
+            "",
+        ]
+    if "seq2seq" in settings["tasks"]:
+        lines += ["## Next utterance: seq2seq pretraining and fine-tuning", "",
+                  *seq2seq.table(s2s_rows, _fmt), "",
+                  f"Conversations: {settings['dialogues']}; pairs (line, next line) "
+                  f"train/valid/test: pretraining {settings['s2s_pretrain_sizes']}, fine-tuning "
+                  f"{settings['s2s_finetune_sizes']}.", "",
+                  "Perplexities are fairseq-train's last validation of each stage (per "
+                  "sentencepiece token). BLEU is sacrebleu's, from fairseq-generate --beam 5 on the "
+                  "fine-tuning test split after the last update, sentencepiece removed; pairs "
+                  "whose target is longer than --max-positions are skipped (the sources are "
+                  "truncated), so the last column counts the pairs scored.", ""]
     lines += [
+        f"One seed ({settings['seed']}): differences smaller than another seed would move them cannot "
+        "be told apart (run again with --seed).",
         "",
-        f"Task: {settings['task']}; {settings['classes']} classes (chance "
-        f"{_fmt(settings['chance'], 1, pct=True)}, the largest class's share of the test split); "
-        f"sentences train/valid/test {settings['split_sizes']}.",
+        "curves.png: validation accuracy and perplexity during fine-tuning.",
         "",
-        "Masked-LM valid loss is fairseq-train's last validation (base 2) after pretraining. "
-        "Valid and test accuracy are fairseq-train's scores of those splits after the last "
-        "fine-tuning update. One seed: differences smaller than a second seed would move them cannot be "
-        "told apart (run again with --seed).",
-        "",
-        "curves.png: validation accuracy during fine-tuning.",
-        "",
-        "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()
-                                 if k not in ("task", "split_sizes")),
+        "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None and k not in (
+            "task", "split_sizes", "dialogues", "s2s_pretrain_sizes", "s2s_finetune_sizes")),
         "",
     ]
     with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
-    write_curves(os.path.join(out_dir, "curves.png"), rows, settings["chance"])
+    write_curves(os.path.join(out_dir, "curves.png"), rows, s2s_rows, settings["chance"])
 
 
-def write_curves(path, rows, chance):
+def write_curves(path, rows, s2s_rows, chance):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        if r["curve"]:
-            ax.plot(*zip(*r["curve"]), marker="o", markersize=3, label=r["model"])
-    if chance is not None:
-        ax.axhline(chance, color="black", linewidth=1, linestyle="--", label="chance")
-    ax.set_xlabel("fine-tuning updates")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("sentence_prediction after masked-LM pretraining")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = [p for p in ((rows, "validation accuracy", "sentence_prediction"),
+                          (s2s_rows, "validation perplexity", "next utterance (seq2seq)"))
+              if any(r["curve"] for r in p[0])]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4),
+                             squeeze=False)
+    for ax, (panel, ylabel, title) in zip(axes[0], panels):
+        for r in panel:
+            if r["curve"]:
+                ax.plot(*zip(*r["curve"]), marker="o", markersize=3, label=r["model"])
+        if panel is rows and chance is not None:
+            ax.axhline(chance, color="black", linewidth=1, linestyle="--", label="chance")
+        ax.set_xlabel("fine-tuning updates")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -315,9 +332,10 @@ def majority_share(cls_bin, split="test"):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="fairseq-hash-finetune", description="Pretrain a dense and a hash-layer RoBERTa of the "
-        "same shape with masked_lm, fine-tune both with sentence_prediction, and report each one's "
-        "test accuracy.")
+        prog="fairseq-hash-finetune", description="Pretrain dense and hash-layer models of the same "
+        "shape, fine-tune each (and the upcycled dense one) on a classification task "
+        "(RoBERTa, sentence_prediction) and on a next-utterance seq2seq task (transformer), and "
+        "report test accuracy, perplexity and BLEU.")
     p.add_argument("--output-dir", default="outputs/finetune",
                    help="folder for results.md, results.json, curves.png, data/ and runs/NAME/ "
                    "logs (default outputs/finetune)")
@@ -325,7 +343,15 @@ def build_parser():
                    help="sizes and lengths: tiny (< 5 min on 2 cores) or default (larger, not yet "
                    "timed; the default); every size flag overrides its preset value")
     p.add_argument("--models", default=",".join(MODELS),
-                   help=f"comma-separated models to train, from {','.join(MODELS)} (default: both)")
+                   help=f"comma-separated models, from {','.join(MODELS)} (default: all); "
+                   "upcycled fine-tunes dense's pretrained model, so it needs dense")
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help=f"comma-separated fine-tuning tasks, from {','.join(TASKS)} (default: both)")
+    p.add_argument("--dialogues", metavar="FILE",
+                   help="seq2seq: conversations to fine-tune on, one turn a line and a blank line "
+                   "between conversations; pretraining then uses the whole built-in corpus "
+                   "(default: the built-in corpus's docstrings, one module a conversation, "
+                   "fine-tuning on the classification task's packages)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--text", metavar="FILE",
                       help="a text file, one example a line, to tokenise with sentencepiece "
@@ -338,20 +364,22 @@ def build_parser():
                    help="with --text: one label (a word) a line, aligned with the text's lines")
     size = p.add_argument_group("sizes (defaults in brackets: tiny preset, default preset)")
     size.add_argument("--classes", type=int,
-                      help="built-in task: how many standard-library packages to tell apart")
+                      help="built-in task: how many standard-library packages to tell apart "
+                      "(also seq2seq's fine-tuning domain)")
     size.add_argument("--vocab-size", type=int, help="sentencepiece vocabulary size")
-    size.add_argument("--layers", type=int, help="encoder layers")
+    size.add_argument("--layers", type=int, help="encoder layers (and decoder layers of the "
+                      "seq2seq models)")
     size.add_argument("--embed-dim", type=int, help="model width d")
     size.add_argument("--ffn-dim", type=int, help="FFN hidden width, of the dense FFN and of each expert")
     size.add_argument("--heads", type=int, help="attention heads")
     size.add_argument("--experts", type=int, help="K, experts of each hash layer")
-    size.add_argument("--hash-layer", help="0-based encoder layers whose FFN is hashed "
-                      "(comma-separated, negative from the end)")
+    size.add_argument("--hash-layer", help="0-based encoder (and seq2seq decoder) layers whose "
+                      "FFN is hashed (comma-separated, negative from the end)")
     size.add_argument("--max-positions", type=int,
                       help="longest input in tokens; longer sentences are truncated")
     size.add_argument("--max-tokens", type=int, help="tokens in each batch")
-    size.add_argument("--pretrain-updates", type=int, help="masked-LM updates of each model")
-    size.add_argument("--finetune-updates", type=int, help="sentence_prediction updates of each model")
+    size.add_argument("--pretrain-updates", type=int, help="pretraining updates of each model")
+    size.add_argument("--finetune-updates", type=int, help="fine-tuning updates of each model")
     size.add_argument("--validate-every", type=int, help="updates between validations")
     size.add_argument("--lr", type=float, help="peak learning rate of pretraining (Adam)")
     size.add_argument("--finetune-lr", type=float, help="peak learning rate of fine-tuning (Adam)")
@@ -381,6 +409,15 @@ def resolve(args):
     if bad or not args.model_list:
         raise FinetuneError(f"--models {args.models!r}: unknown {', '.join(bad) or '(empty)'}; "
                             f"valid: {','.join(MODELS)}")
+    if "upcycled" in args.model_list and "dense" not in args.model_list:
+        raise FinetuneError(f"--models {args.models!r}: upcycled fine-tunes dense's pretrained "
+                            "model; add dense")
+    args.model_list.sort(key=list(MODELS).index)  # dense is pretrained before it is upcycled
+    args.task_list = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
+    bad = [t for t in args.task_list if t not in TASKS]
+    if bad or not args.task_list:
+        raise FinetuneError(f"--tasks {args.tasks!r}: unknown {', '.join(bad) or '(empty)'}; "
+                            f"valid: {','.join(TASKS)}")
     for flag in ("classes", "layers", "embed_dim", "ffn_dim", "heads", "max_positions", "max_tokens",
                  "pretrain_updates", "finetune_updates", "validate_every", "warmup_updates",
                  "vocab_size"):
@@ -395,7 +432,7 @@ def resolve(args):
                             f"{args.max_positions}")
     if bool(args.text) != bool(args.labels):
         raise FinetuneError("--text and --labels go together: give both, or neither")
-    for flag in ("text", "labels"):
+    for flag in ("text", "labels", "dialogues"):
         path = getattr(args, flag)
         if path and not os.path.isfile(path):
             raise FinetuneError(f"--{flag} {path}: no such file")
@@ -411,17 +448,65 @@ def resolve(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    lines = labels = dialogues = None
     try:
         cfg = resolve(args)
         if cfg.text:
             lines, labels = read_labelled(cfg.text, cfg.labels)
-    except FinetuneError as e:
+        if cfg.dialogues:
+            dialogues = seq2seq.read_dialogues(cfg.dialogues)
+    except (FinetuneError, ValueError) as e:
         print(f"fairseq-hash-finetune: error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     os.makedirs(cfg.output_dir, exist_ok=True)
+    settings = {"tasks": ",".join(cfg.task_list), "chance": None}
+    settings.update({k: getattr(cfg, k) for k in (
+        "preset", "layers", "embed_dim", "ffn_dim", "heads", "experts", "hash_layer",
+        "max_positions", "max_tokens", "pretrain_updates", "finetune_updates", "lr",
+        "finetune_lr", "warmup_updates", "seed")})
+    settings["command"] = " ".join(["fairseq-hash-finetune", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        jobs = []
+        if "classify" in cfg.task_list:
+            cls_bin = prepare_classification(cfg, settings, lines, labels)
+            classes = settings["classes"]
+            jobs += [("classify", m, lambda m, tag: run_model(cfg, cls_bin, m, classes, tag))
+                     for m in cfg.model_list]
+        if "seq2seq" in cfg.task_list:
+            bins = prepare_seq2seq(cfg, settings, dialogues)
+            jobs += [("seq2seq", m, lambda m, tag: seq2seq.run_model(cfg, bins, m, tag, common_args))
+                     for m in cfg.model_list]
+    except (FinetuneError, RuntimeError, SystemExit) as e:
+        # the data tools' SystemExit carries their one-line error; say it as ours
+        message = str(e).removeprefix("fairseq-hash-prepare: error: ")
+        print(f"fairseq-hash-finetune: error: {message}", file=sys.stderr)
+        return 1
+    rows = {task: [] for task in TASKS}
+    for i, (task, model, run) in enumerate(jobs, 1):
+        tag, start = f"[{i}/{len(jobs)} {task} {model}]", time.time()
+        row = run(model, tag)
+        summary = (f"test accuracy {_fmt(row['test_accuracy'], 1, pct=True)}" if task == "classify"
+                   else f"valid ppl {_fmt(row['valid_ppl'])}, test BLEU {_fmt(row['test_bleu'])}")
+        rows[task].append(timed(row, start, tag, summary))
+        # rewritten after every model, so an interrupted run keeps what it has
+        write_results(cfg.output_dir, rows["classify"], rows["seq2seq"], settings)
+    if not cfg.keep_checkpoints:
+        for task, prefix in (("classify", ""), ("seq2seq", "s2s-")):
+            for model in cfg.model_list:
+                run_dir = os.path.join(cfg.output_dir, "runs", prefix + model)
+                for sub in ("pretrain", "finetune"):
+                    shutil.rmtree(os.path.join(run_dir, sub), ignore_errors=True)
+                if os.path.exists(os.path.join(run_dir, "upcycled.pt")):
+                    os.remove(os.path.join(run_dir, "upcycled.pt"))
+    print(open(os.path.join(cfg.output_dir, "results.md"), encoding="utf-8").read())
+    return 0 if all(r["ok"] for task in rows.values() for r in task) else 1
+
+
+def prepare_classification(cfg, settings, lines, labels):
+    """The classification data-bin (built or given); fills its settings."""
     if cfg.data_bin:
         cls_bin, task = os.path.abspath(cfg.data_bin), f"--data-bin {cfg.data_bin}"
     else:
@@ -432,29 +517,35 @@ def main(argv=None):
             lines, labels = package_lines(cfg.classes)
             task = ("which standard-library package a docstring paragraph documents: "
                     + ", ".join(dict.fromkeys(labels)))
-        print("preparing data (sentencepiece, fairseq-preprocess) ...", flush=True)
-        try:
-            cls_bin = os.path.abspath(build_data(cfg.output_dir, lines, labels, cfg.vocab_size,
-                                                 cfg.valid_pct, cfg.test_pct))
-        except FinetuneError as e:
-            print(f"fairseq-hash-finetune: error: {e}", file=sys.stderr)
-            return 1
-    classes = label_count(cls_bin)
-    settings = {"task": task, "classes": classes, "chance": majority_share(cls_bin),
-                "split_sizes": "/".join(str(n) for n in split_sizes(cls_bin).values())}
-    settings.update({k: getattr(cfg, k) for k in (
-        "preset", "layers", "embed_dim", "ffn_dim", "heads", "experts", "hash_layer",
-        "max_positions", "max_tokens", "pretrain_updates", "finetune_updates", "lr",
-        "finetune_lr", "warmup_updates", "seed")})
-    settings["data"] = cls_bin
-    settings["command"] = " ".join(["fairseq-hash-finetune", *(sys.argv[1:] if argv is None else argv)])
-    rows = []
-    for i, model in enumerate(cfg.model_list, 1):
-        rows.append(run_model(cfg, cls_bin, model, classes, i, len(cfg.model_list)))
-        # rewritten after every model, so an interrupted run keeps what it has
-        write_results(cfg.output_dir, rows, settings)
-    print(open(os.path.join(cfg.output_dir, "results.md"), encoding="utf-8").read())
-    return 0 if all(r["ok"] for r in rows) else 1
+        print("preparing classification data (sentencepiece, fairseq-preprocess) ...", flush=True)
+        cls_bin = os.path.abspath(build_data(cfg.output_dir, lines, labels, cfg.vocab_size,
+                                             cfg.valid_pct, cfg.test_pct))
+    settings.update(task=task, classes=label_count(cls_bin), chance=majority_share(cls_bin),
+                    split_sizes="/".join(str(n) for n in split_sizes(cls_bin).values()),
+                    data=cls_bin)
+    return cls_bin
+
+
+def prepare_seq2seq(cfg, settings, dialogues):
+    """The next-utterance data-bins of both stages; fills their settings."""
+    print("preparing next-utterance data (sentencepiece, fairseq-preprocess) ...", flush=True)
+    packages = list(dict.fromkeys(package_lines(cfg.classes)[1]))
+    pre, fine = seq2seq.builtin_conversations(packages)
+    if dialogues:
+        pre, fine = pre + fine, dialogues
+        settings["dialogues"] = (f"fine-tuning on --dialogues {cfg.dialogues}, pretraining on the "
+                                 "built-in corpus (one module's docstring a conversation)")
+    else:
+        settings["dialogues"] = ("the built-in corpus, one module's docstring paragraphs a "
+                                 "conversation; fine-tuning on the modules of " + ", ".join(packages)
+                                 + ", pretraining on all others")
+    bins = seq2seq.build_data(cfg.output_dir, {"pretrain": pre, "finetune": fine}, cfg.vocab_size,
+                              cfg.valid_pct, cfg.test_pct)
+    for stage, data_bin in bins.items():
+        settings[f"s2s_{stage}_sizes"] = "/".join(
+            str(seq2seq.pair_count(data_bin, split)) for split in SPLITS)
+        settings[f"s2s_{stage}_data"] = data_bin
+    return bins
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def write_pair_splits(pairs, raw_dir, valid_pct, test_pct):
     for split in ("train", "valid", "test"):
         if not counts.get(split):
             raise SystemExit(f"fairseq-hash-prepare: error: the {split} split has no pair; give "
-                             f"more text (--text) or change --valid-pct/--test-pct")
+                             f"more conversations or change --valid-pct/--test-pct")
     return counts
 
 
