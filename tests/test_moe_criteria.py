@@ -1,18 +1,30 @@
 """The moe_ criteria add the learned routers' auxiliary loss to fairseq's own criteria."""
+import os
+
 import pytest
 import torch
 
-from models_util import TINY_ROBERTA, TINY_SEQ2SEQ, build_in_process, seq2seq_data
+from models_util import TINY_ROBERTA, TINY_SEQ2SEQ, build_in_process, classification_data, seq2seq_data
 
+# criterion -> (its data fixture, model flags, task flags)
 CASES = {
-    "moe_label_smoothed_cross_entropy": (TINY_SEQ2SEQ, ["--label-smoothing", "0.1"]),
-    "moe_masked_lm": (TINY_ROBERTA, ["--task", "masked_lm", "--tokens-per-sample", "64"]),
+    "moe_label_smoothed_cross_entropy": ("pairs", TINY_SEQ2SEQ, ["--label-smoothing", "0.1"]),
+    "moe_masked_lm": ("data_bin", TINY_ROBERTA, ["--task", "masked_lm", "--tokens-per-sample", "64"]),
+    "moe_sentence_prediction": ("labelled", TINY_ROBERTA, [
+        "--task", "sentence_prediction", "--num-classes", "2", "--init-token", "0",
+        "--separator-token", "2", "--pooler-dropout", "0"]),
 }
 
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     return seq2seq_data(str(tmp_path_factory.mktemp("pairs")), lines=100)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, data_bin):
+    return classification_data(str(tmp_path_factory.mktemp("labelled")),
+                               os.path.join(data_bin, "dict.txt"), n=100)
 
 
 def parse(argv):
@@ -22,10 +34,11 @@ def parse(argv):
 
 
 @pytest.mark.parametrize("criterion", list(CASES))
-def test_training_loss_is_the_criterion_plus_the_weighted_aux_loss(pairs, data_bin, criterion):
-    model_flags, extra = CASES[criterion]
-    data = pairs if "translation" in model_flags else data_bin
-    common = [data, *model_flags, *extra, "--router", "switch", "--cpu", "--dropout", "0"]
+def test_training_loss_is_the_criterion_plus_the_weighted_aux_loss(request, criterion):
+    fixture, model_flags, extra = CASES[criterion]
+    data = request.getfixturevalue(fixture)
+    common = [data, *model_flags, *extra, "--router", "switch", "--cpu", "--dropout", "0",
+              "--attention-dropout", "0", "--activation-dropout", "0"]
     moe = common + ["--criterion", criterion, "--moe-aux-loss-weight", "0.5"]
     model, task = build_in_process(moe)
     moe_criterion = task.build_criterion(parse(moe))

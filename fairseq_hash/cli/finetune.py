@@ -1,24 +1,29 @@
-"""``fairseq-hash-finetune``: pretrain dense and hash RoBERTa alike, fine-tune both, compare.
+"""``fairseq-hash-finetune``: pretrain dense and hash models alike, fine-tune them, compare.
 
-    fairseq-hash-finetune --output-dir work/finetune --preset tiny     # 71-85 s on 2 shared cores
+    fairseq-hash-finetune --output-dir work/finetune --preset tiny
     fairseq-hash-finetune --output-dir out --text docs.txt --labels labels.txt
     fairseq-hash-finetune --output-dir out --data-bin cls-bin          # input0/ and label/
+    fairseq-hash-finetune --output-dir out --dialogues chats.txt --tasks seq2seq
 
-Both models are fairseq's RoBERTa with the same dimensions, seed, data order,
-batches, updates and learning rate: ``dense`` (``--arch roberta``) keeps the
-plain FFN, ``hash`` (``--arch hash_roberta``) routes the FFN of the
-``--hash-layer`` encoder layers over K experts by a balanced hash of the token.
-Each is pretrained with ``masked_lm`` on the training split's text, then
-fine-tuned with ``sentence_prediction`` from that checkpoint; its accuracy on
-the held-out test split is fairseq-train's score of that split after the last
-update.
+Two tasks (``--tasks``), three models each (``--models``): ``dense`` and
+``hash`` have the same dimensions, seed, data order, batches, updates and
+learning rates; ``hash`` routes the FFN of the ``--hash-layer`` layers over K
+experts by a balanced hash of the token; ``upcycled`` is dense's pretrained
+checkpoint through ``fairseq-hash-upcycle``, fine-tuned as a hash model.
 
-With no ``--text``/``--data-bin`` the task is the built-in corpus's (Python's
-standard-library docstrings): which package a paragraph documents, among the
-``--classes`` packages with the most paragraphs, each class cut to the same
-size so that chance is 1 / classes. Logs stay in ``OUTPUT/runs/NAME/``; the
-results go to ``OUTPUT/results.md``, ``OUTPUT/results.json`` and
-``OUTPUT/curves.png``.
+- ``classify``: fairseq's RoBERTa (``roberta``, ``hash_roberta``) pretrained
+  with ``masked_lm`` on the training split's text, then fine-tuned with
+  ``sentence_prediction``; its accuracy on the held-out test split is
+  fairseq-train's score of that split after the last update.
+- ``seq2seq``: fairseq's ``transformer`` (``hash_transformer``, hash layers on
+  both sides) on the next-utterance task; see finetune_seq2seq.py.
+
+With no ``--text``/``--data-bin`` the classification task is the built-in
+corpus's (Python's standard-library docstrings): which package a paragraph
+documents, among the ``--classes`` packages with the most paragraphs, each class
+cut to the same size so that chance is 1 / classes. Logs stay in
+``OUTPUT/runs/NAME/``; the results go to ``OUTPUT/results.md``,
+``OUTPUT/results.json`` and ``OUTPUT/curves.png``.
 """
 import argparse
 import collections
@@ -44,7 +49,7 @@ MODELS = {
 TASKS = ("classify", "seq2seq")
 
 PRESETS = {
-    # 71-85 s on 2 shared cores for both models, built-in corpus included
+    # 4 min 28 s on 2 busy cores for all six runs, built-in corpus included
     "tiny": dict(classes=4, vocab_size=1000, layers=2, embed_dim=64, ffn_dim=128, heads=2,
                  experts=4, hash_layer="-1", max_positions=128, max_tokens=2048,
                  pretrain_updates=100, finetune_updates=100, validate_every=25,
