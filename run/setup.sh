@@ -8,7 +8,7 @@ PY="${PYTHON:-python3.11}"
 STAMP="$VENV/.fairseq-hash-setup"
 # Bump when run/constraints.txt or the installs below change, so existing venvs
 # are brought up to date.
-SETUP_VERSION=2
+SETUP_VERSION=3
 
 if ! command -v "$PY" >/dev/null 2>&1; then
   echo "run/setup.sh: $PY not found; install Python 3.11 or set PYTHON=/path/to/python3.11" >&2
@@ -19,7 +19,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$SETUP_VERSION" ] \
-   && "$VENV/bin/python" -c "import fairseq, fairseq_hash, fairscale, sentencepiece" 2>/dev/null; then
+   && "$VENV/bin/python" -c "import fairseq, fairseq_hash, fairscale, sentencepiece, xdist" 2>/dev/null; then
   exit 0
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
@@ -38,7 +38,7 @@ pip_install "${PINS[@]}" torch numpy cython
 # cached by pip afterwards).
 pip_install "${PINS[@]}" --no-build-isolation fairseq-fixed hydra-core omegaconf torch numpy
 pip_install "${PINS[@]}" fairscale --no-deps
-pip_install "${PINS[@]}" sentencepiece matplotlib pytest torch numpy
+pip_install "${PINS[@]}" sentencepiece matplotlib pytest pytest-xdist torch numpy
 pip_install "${PINS[@]}" --no-build-isolation --no-deps -e "$ROOT"
 echo "$SETUP_VERSION" > "$STAMP"
 echo "run/setup.sh: environment ready in $VENV"
