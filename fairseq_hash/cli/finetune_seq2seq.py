@@ -21,11 +21,13 @@ pretraining one.
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 from .fairseq_runner import device_flags, run_fairseq
 from .next_utterance import next_utterance_pairs, read_conversations, write_pair_splits
 from .prepare import encode_file, train_sentencepiece
+from .tool_env import tool_env
 from .user_dir import user_dir
 
 MODELS = {
@@ -150,10 +152,6 @@ def generated(run):
 
 def upcycle(cfg, dense_checkpoint, output, log_path, side_flags):
     """``fairseq-hash-upcycle`` the dense pretrained checkpoint; returns (ok, last line)."""
-    import subprocess
-
-    from .tool_env import tool_env
-
     if os.path.exists(output):
         os.remove(output)  # the tool refuses to overwrite; this run made it
     args = [sys.executable, "-m", "fairseq_hash.cli.upcycle", dense_checkpoint, "--output", output,
