@@ -29,6 +29,8 @@ def test_records_parameters_and_perplexity_come_from_the_log(tmp_path):
 def test_a_tool_runs_under_this_interpreter_and_its_log_starts_with_the_command(tmp_path):
     assert fairseq_argv("fairseq-eval-lm", ["d", 3])[:3] == [sys.executable, "-m",
                                                            "fairseq_cli.eval_lm"]
+    assert fairseq_argv("fairseq-hash-upcycle", ["d"])[:3] == [sys.executable, "-m",
+                                                             "fairseq_hash.cli.upcycle"]
     seen = []
     run = run_fairseq("fairseq-preprocess", ["--help"], str(tmp_path / "help.log"), seen.append)
     assert run.ok and run.peak_rss_mb > 0 and seen == run.lines

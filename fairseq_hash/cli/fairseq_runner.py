@@ -1,12 +1,13 @@
-"""Run one of fairseq's command-line tools, keep its log, read its metrics.
+"""Run one of fairseq's command-line tools (or ours), keep its log, read its metrics.
 
     run = run_fairseq("fairseq-train", [data_bin, "--user-dir", user_dir(), ...], "train.log")
     run.records("valid")        # fairseq's --log-format json lines: [{"valid_ppl": 77.0, ...}]
     run.parameters()            # {"shared": 1952256, "expert": 1975680}
     run.eval_lm_perplexity()    # fairseq-eval-lm's final perplexity
 
-Every tool runs as ``python -m fairseq_cli.NAME`` under this interpreter, so
-it works whether or not the tools' scripts are on PATH. The log file starts
+Every tool runs as ``python -m fairseq_cli.NAME`` (ours, ``fairseq-hash-NAME``,
+as ``python -m fairseq_hash.cli.NAME``) under this interpreter, so it works
+whether or not the tools' scripts are on PATH. The log file starts
 with ``# `` and the command as a shell line, then holds everything the tool
 printed. fairseq-train's numbers come from its ``--log-format json`` lines;
 two numbers fairseq prints only as text (the parameter counts, and
@@ -29,8 +30,11 @@ _EVAL_LM_LINE = re.compile(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+|inf|
 
 
 def fairseq_argv(tool: str, args) -> List[str]:
-    """``fairseq-eval-lm`` -> ``[python, -m, fairseq_cli.eval_lm, *args]``."""
-    module = "fairseq_cli." + tool[len("fairseq-"):].replace("-", "_")
+    """``fairseq-eval-lm`` -> ``[python, -m, fairseq_cli.eval_lm, *args]``;
+    ``fairseq-hash-upcycle`` -> ``[python, -m, fairseq_hash.cli.upcycle, *args]``."""
+    package, name = (("fairseq_hash.cli.", tool[len("fairseq-hash-"):])
+                     if tool.startswith("fairseq-hash-") else ("fairseq_cli.", tool[len("fairseq-"):]))
+    module = package + name.replace("-", "_")
     return [sys.executable, "-m", module, *map(str, args)]
 
 

@@ -498,8 +498,8 @@ def main(argv=None):
         rows[task].append(timed(row, start, tag, summary))
         # rewritten after every model, so an interrupted run keeps what it has
         write_results(cfg.output_dir, rows["classify"], rows["seq2seq"], settings)
-    if not cfg.keep_checkpoints:
-        for task, prefix in (("classify", ""), ("seq2seq", "s2s-")):
+    if not cfg.keep_checkpoints:  # kept until now: upcycled starts from dense's
+        for prefix in ("", "s2s-"):
             for model in cfg.model_list:
                 run_dir = os.path.join(cfg.output_dir, "runs", prefix + model)
                 for sub in ("pretrain", "finetune"):

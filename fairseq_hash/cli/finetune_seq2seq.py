@@ -21,13 +21,10 @@ pretraining one.
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 from .fairseq_runner import device_flags, run_fairseq
 from .next_utterance import next_utterance_pairs, read_conversations, write_pair_splits
 from .prepare import encode_file, train_sentencepiece
-from .tool_env import tool_env
 from .user_dir import user_dir
 
 MODELS = {
@@ -154,16 +151,11 @@ def upcycle(cfg, dense_checkpoint, output, log_path, side_flags):
     """``fairseq-hash-upcycle`` the dense pretrained checkpoint; returns (ok, last line)."""
     if os.path.exists(output):
         os.remove(output)  # the tool refuses to overwrite; this run made it
-    args = [sys.executable, "-m", "fairseq_hash.cli.upcycle", dense_checkpoint, "--output", output,
-            "--hash-experts", str(cfg.experts), "--hash-type", "balanced", "--hash-seed", "1",
-            *[a for flag in side_flags for a in (flag, cfg.hash_layer)]]
-    with open(log_path, "w", encoding="utf-8") as log:
-        log.write("# " + " ".join(args[2:]) + "\n")
-        log.flush()
-        proc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, env=tool_env())
-    with open(log_path, encoding="utf-8") as log:
-        lines = log.read().strip().splitlines()
-    return proc.returncode == 0 and os.path.isfile(output), (lines[-1] if lines else "")
+    done = run_fairseq("fairseq-hash-upcycle", [
+        dense_checkpoint, "--output", output, "--hash-experts", cfg.experts, "--hash-type",
+        "balanced", "--hash-seed", "1", *[a for flag in side_flags for a in (flag, cfg.hash_layer)]],
+        log_path)
+    return done.ok and os.path.isfile(output), done.last_line()
 
 
 def starting_point(cfg, run_dir, dense_dir, model, tag, objective, side_flags, pretrain_args):
