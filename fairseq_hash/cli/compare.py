@@ -392,10 +392,14 @@ def build_parser():
                    help=f"fairseq optimizer of every run: {OPTIMIZER_HELP} (default adam)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each run's checkpoint_last.pt (deleted after evaluation otherwise)")
-    for action in size._group_actions:
-        key = action.dest
-        action.help += " [" + ", ".join(str(PRESETS[n][key]) for n in ("tiny", "default")) + "]"
+    show_presets(size, PRESETS)
     return p
+
+
+def show_presets(group, presets):
+    """End the help of each flag of ``group`` with its value in each preset: `` [tiny, default]``."""
+    for action in group._group_actions:  # argparse keeps a group's flags here, and nowhere public
+        action.help += " [" + ", ".join(str(presets[n][action.dest]) for n in ("tiny", "default")) + "]"
 
 
 def resolve(args):

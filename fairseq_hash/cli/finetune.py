@@ -34,7 +34,7 @@ import shutil
 import sys
 import time
 
-from .compare import _fmt
+from .compare import _fmt, show_presets
 from . import finetune_seq2seq as seq2seq
 from .fairseq_runner import device_flags, run_fairseq
 from .user_dir import user_dir
@@ -399,8 +399,7 @@ def build_parser():
                    help="seed of every run: initialisation, masking and data order (default 1)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each run's checkpoints (deleted after testing otherwise)")
-    for action in size._group_actions:
-        action.help += " [" + ", ".join(str(PRESETS[n][action.dest]) for n in ("tiny", "default")) + "]"
+    show_presets(size, PRESETS)
     return p
 
 
