@@ -27,6 +27,7 @@ from ..hashing import (HASH_REGISTRY, RouteInputs, build_hash_function,
                        dictionary_fingerprint, expected_load, token_counts)
 from ..moe_layer import MoELayer
 from ..multihash import MultiHashRouter, SegmentedExpertFFN, check_hash_count
+from ..offload import ExpertCache, OffloadedExperts, build_expert_cache, plan_prefetch
 from ..routers import ROUTERS, HashRouter, build_learned_router
 from ..scores import HashScoreGate, check_score
 from ..shared_experts import SharedExpertMoELayer, SharedExperts
@@ -144,6 +145,26 @@ class HashRoutingConfig(FairseqDataclass):
             "experts over groups of P ranks, K/P experts a rank, the W/P groups being "
             "data-parallel replicas (default 0: P = W when W divides K, else P = K when "
             "K divides W; 1: every expert on every rank)"
+        },
+    )
+    hash_offload_experts: str = field(
+        default="none",
+        metadata={
+            "help": "inference only: keep the routed experts out of memory, memory-mapped "
+            "from the checkpoint, and load the ones a batch uses into a bounded cache "
+            "(--hash-expert-cache): prefetch (hash layers' experts, known from the token "
+            "ids, are loaded ahead on a background thread while earlier layers compute; "
+            "learned routers load on demand), demand (each layer loads what it needs when "
+            "it runs) or none (default). Serving tools take it as --model-overrides "
+            "\"{'hash_offload_experts': 'prefetch'}\" (see docs/offload.md)"
+        },
+    )
+    hash_expert_cache: str = field(
+        default="0",
+        metadata={
+            "help": "--hash-offload-experts: the most experts kept loaded at once in an "
+            "encoder or decoder, as a count (e.g. 16) or a size (e.g. 256MB); 0 (default): "
+            "one layer's experts. A layer needing more loads them in turns"
         },
     )
     moe_dispatch: str = field(
@@ -339,7 +360,8 @@ def build_exchange(args, layout, experts):
     return AllToAllExchange(layout)
 
 
-def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: int) -> MoELayer:
+def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: int,
+                   cache: ExpertCache = None) -> MoELayer:
     learned = getattr(args, "router", "hash") != "hash"
     count = getattr(args, "hash_count", 1)
     check_hash_count(count, ffn_dim)
@@ -365,7 +387,12 @@ def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: in
     # fairseq's random stream (dropout) stay exactly those of transformer_lm.
     seed = torch.initial_seed() + 7919 * (layer_idx + 1)
     shard = dict(shard=layout.shard, num_shards=layout.parallel_size) if layout else {}
-    if count == 1:
+    if cache is not None:  # weights come from the checkpoint, into the cache
+        if layout is not None and layout.parallel_size > 1:
+            raise HashConfigError("--hash-offload-experts serves on one process; use "
+                                  "--moe-expert-parallel-size 1 or no offload")
+        experts = OffloadedExperts(args.hash_experts, embed_dim, ffn_dim, cache)
+    elif count == 1:
         experts = ExpertFFN(args.hash_experts, embed_dim, ffn_dim, seed=seed, **shard)
     else:
         experts = SegmentedExpertFFN(args.hash_experts, embed_dim, ffn_dim, count, seed=seed,
@@ -485,10 +512,11 @@ class HashLayers:
         self.hash_layer_ids = parse_hash_layers(spec, len(self.layers), flag,
                                                 f"--{self.side}-layers", allow_none)
         self.moe_layers = {}
+        self.expert_cache = build_expert_cache(args)  # None: experts stay resident
         for idx in self.hash_layer_ids:
             layer = self.layers[idx]
             moe = build_hash_moe(args, dictionary, seed_offset + idx, layer.embed_dim,
-                                 layer.fc1.out_features)
+                                 layer.fc1.out_features, self.expert_cache)
             replace_ffn(layer, moe)
             pass_route_through(layer, moe)
             self.moe_layers[idx] = moe
@@ -516,6 +544,8 @@ class HashLayers:
     def routing(self, route: RouteInputs):
         """Hand every hash layer the route inputs of one forward pass (see pass_route_through)."""
         plans = self.plan_exchanges(route)
+        if getattr(self, "expert_cache", None) is not None:
+            plan_prefetch(self.moe_layers, route)
         for idx, moe in self.moe_layers.items():
             moe.next_route = (route, plans.get(idx))
         try:
