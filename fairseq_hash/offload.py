@@ -102,8 +102,8 @@ def _madvise():
     return _LIBC
 
 
-def _file_mappings() -> List[Tuple[int, int, str]]:
-    """``(start, end, path)`` of the process's file mappings (Linux; empty elsewhere)."""
+def _file_mappings() -> List[Tuple[int, int, int, str]]:
+    """``(start, end, file offset, path)`` of the process's file mappings (Linux; empty elsewhere)."""
     try:
         with open("/proc/self/maps") as f:
             lines = f.read().splitlines()
@@ -114,19 +114,24 @@ def _file_mappings() -> List[Tuple[int, int, str]]:
         fields = line.split(None, 5)
         if len(fields) == 6 and fields[5].startswith("/"):
             start, end = (int(a, 16) for a in fields[0].split("-"))
-            out.append((start, end, fields[5]))
+            out.append((start, end, int(fields[2], 16), fields[5]))
     return out
+
+
+def file_position(tensor: torch.Tensor, mappings=None) -> Tuple[Optional[str], int]:
+    """``(path, offset)`` of the file ``tensor``'s memory is mapped from, or ``(None, 0)``."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return None, 0
+    address = tensor.data_ptr()
+    for start, end, offset, path in mappings if mappings is not None else _file_mappings():
+        if start <= address < end:
+            return path, address - start + offset
+    return None, 0
 
 
 def backing_file(tensor: torch.Tensor, mappings=None) -> Optional[str]:
     """The file ``tensor``'s memory is mapped from, or None (ordinary memory)."""
-    if tensor.device.type != "cpu" or tensor.numel() == 0:
-        return None
-    address = tensor.data_ptr()
-    for start, end, path in mappings if mappings is not None else _file_mappings():
-        if start <= address < end:
-            return path
-    return None
+    return file_position(tensor, mappings)[0]
 
 
 def release_pages(tensor: torch.Tensor):
@@ -144,6 +149,15 @@ def release_pages(tensor: torch.Tensor):
     madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
+def _drop_page_cache(path: str, offset: int = 0, length: int = 0):
+    """Evict a file's pages (all of it for length 0) from the kernel's page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 class ExpertSource:
     """One layer's K experts as four ``[K, ...]`` tensors: ``fc1_weight [K, f, d]``,
     ``fc1_bias [K, f]``, ``fc2_weight [K, d, f]``, ``fc2_bias [K, d]``.
@@ -153,12 +167,16 @@ class ExpertSource:
         name (str): names the layer in errors
     """
 
+    # benchmarks: also drop the file's pages from the kernel's page cache after
+    # each read, so that every read comes from the disk (a file larger than memory)
+    uncached = False
+
     def __init__(self, tensors: Dict[str, torch.Tensor], name: str):
         self.tensors = [tensors[n] for n in EXPERT_PARAMS]
         self.name = name
         self.num_experts = self.tensors[0].size(0)
         mappings = _file_mappings()
-        self.files = [backing_file(t, mappings) for t in self.tensors]
+        self.files, self.offsets = zip(*(file_position(t, mappings) for t in self.tensors))
         # the mapped length of each file: reading past a truncated file's end
         # would kill the process (SIGBUS), so a shorter file is refused first
         self.file_sizes = {f: os.path.getsize(f) for f in self.files if f}
@@ -187,11 +205,14 @@ class ExpertSource:
             return self._read_cuda(expert, dtype, device, stream)
         self.check_files()
         rows = []
-        for t, path in zip(self.tensors, self.files):
+        for t, path, offset in zip(self.tensors, self.files, self.offsets):
             src = t[expert]
             rows.append(torch.empty(src.shape, dtype=dtype).copy_(src))
             if path:
                 release_pages(src)
+                if self.uncached:
+                    nbytes = src.numel() * src.element_size()
+                    _drop_page_cache(path, offset + expert * nbytes, nbytes)
         return rows
 
     def _read_cuda(self, expert, dtype, device, stream):

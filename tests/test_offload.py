@@ -1,0 +1,297 @@
+"""Offloaded experts (--hash-offload-experts): the same scores and hypotheses as a
+resident model, a cache within its bound, prefetch that loads ahead, one-line errors."""
+import os
+import subprocess
+
+import pytest
+import torch
+from fairseq.data import Dictionary
+
+from hashfns_util import (BIN, hashfns_corpus, hashfns_data_dir, hashfns_user_dir)
+from fairseq_hash.cli.bench_offload import save_untrained_checkpoint
+from fairseq_hash.errors import HashConfigError
+from fairseq_hash.hashing import build_hash_function
+from fairseq_hash.offload import (ExpertCache, ExpertSource, OffloadedExperts,
+                                  parse_cache_size)
+from fairseq_hash.table_file import save_table_file
+
+ARCH = ["--task", "language_modeling", "--arch", "hash_transformer_lm", "--decoder-layers", "3",
+        "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32",
+        "--decoder-attention-heads", "2", "--hash-experts", "4", "--dropout", "0", "--cpu",
+        "--tokens-per-sample", "64", "--hash-layer", "0,2"]
+
+
+def save_checkpoint(folder, data, *extra):
+    """A fairseq checkpoint of a freshly built model (no training needed to compare)."""
+    return save_untrained_checkpoint(os.path.join(folder, "checkpoint.pt"), [data, *ARCH, *extra])
+
+
+def hub(path, data, **overrides):
+    from fairseq.models.transformer_lm import TransformerLanguageModel
+
+    return TransformerLanguageModel.from_pretrained(os.path.dirname(path),
+                                                    os.path.basename(path), data,
+                                                    **overrides).eval()
+
+
+def padded_batch(d, lengths, left=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batch = torch.full((len(lengths), max(lengths)), d.pad())
+    for b, n in enumerate(lengths):
+        row = torch.randint(d.nspecial, len(d), (n,), generator=gen)
+        row[0] = d.eos()
+        if left:
+            batch[b, batch.size(1) - n:] = row
+        else:
+            batch[b, :n] = row
+    return batch
+
+
+def scores(lm, batch):
+    with torch.no_grad():
+        return lm.models[0](batch)[0]
+
+
+def beam5(lm, d, seed=1):
+    prompts = [row[1:] for row in padded_batch(d, [4, 6, 3], seed=seed)]
+    out = lm.generate(prompts, beam=5, max_len_b=6)
+    return [[(h["tokens"].tolist(), h["score"].item(), h["positional_scores"].tolist())
+             for h in hyps] for hyps in out]
+
+
+def table_file(folder, data, hash_type):
+    d = Dictionary.load(os.path.join(data, "dict.txt"))
+    path = os.path.join(folder, f"{hash_type}.json")
+    table = build_hash_function("random", 4).build_table(d, 4, 1, seed=5)
+    save_table_file(path, table, hash_type, 4, d, source="a test")
+    return path
+
+
+HASH_TYPES = ["balanced", "random", "bigram", "previous", "position", "future", "clustered",
+              "dispersed"]
+
+
+@pytest.mark.parametrize("hash_type", HASH_TYPES)
+def test_offloaded_scores_and_beam5_equal_the_resident_model(tmp_path, hash_type):
+    data = hashfns_data_dir(str(tmp_path / "data"))
+    extra = ["--hash-type", hash_type]
+    if hash_type in ("clustered", "dispersed"):
+        extra += ["--hash-file", table_file(str(tmp_path), data, hash_type)]
+    path = save_checkpoint(str(tmp_path / "ckpt"), data, *extra)
+    resident = hub(path, data)
+    d = resident.task.dictionary
+    batches = [padded_batch(d, [9, 5, 7]), padded_batch(d, [9, 5, 7], left=True)]
+    want = [scores(resident, b) for b in batches]
+    want_beam = beam5(resident, d) if hash_type != "future" else None
+    # cache 2 of a layer's 4 experts: a batch's experts load in turns
+    for mode, cache in (("prefetch", "2"), ("prefetch", "0"), ("demand", "3")):
+        lm = hub(path, data, hash_offload_experts=mode, hash_expert_cache=cache)
+        assert isinstance(lm.models[0].decoder.layers[0].fc1.experts, OffloadedExperts)
+        for batch, expected in zip(batches, want):
+            assert torch.equal(scores(lm, batch), expected), (mode, cache)
+        if want_beam is not None:  # future is an oracle: it refuses to generate
+            assert beam5(lm, d) == want_beam, (mode, cache)
+
+
+@pytest.mark.parametrize("extra", [["--router", "switch"], ["--router", "top2"],
+                                   ["--hash-topk", "2", "--hash-score", "softmax"],
+                                   ["--hash-shared-experts", "1"]])
+def test_learned_routers_and_topk_offload_on_demand_with_equal_outputs(tmp_path, extra):
+    data = hashfns_data_dir(str(tmp_path / "data"))
+    path = save_checkpoint(str(tmp_path / "ckpt"), data, *extra)
+    resident = hub(path, data)
+    d = resident.task.dictionary
+    batch = padded_batch(d, [9, 5, 7])
+    lm = hub(path, data, hash_offload_experts="prefetch", hash_expert_cache="3")
+    assert torch.equal(scores(lm, batch), scores(resident, batch))
+    assert beam5(lm, d) == beam5(resident, d)
+
+
+def cache_of(lm):
+    return lm.models[0].decoder.expert_cache
+
+
+def test_prefetch_loads_every_expert_before_the_layer_asks(tmp_path):
+    data = hashfns_data_dir(str(tmp_path / "data"))
+    path = save_checkpoint(str(tmp_path / "ckpt"), data, "--hash-type", "random")
+    lm = hub(path, data, hash_offload_experts="prefetch", hash_expert_cache="8")
+    batch = padded_batch(lm.task.dictionary, [9, 5, 7])
+    scores(lm, batch)
+    stats = cache_of(lm).stats
+    route_experts = sum(len(torch.unique(moe.last_indices))
+                        for moe in lm.models[0].decoder.moe_layers.values())
+    assert stats["demand_loads"] == 0 and stats["loads"] == route_experts
+    scores(lm, batch)  # both layers' experts fit: nothing is read again
+    assert cache_of(lm).stats["loads"] == route_experts
+
+    demand = hub(path, data, hash_offload_experts="demand", hash_expert_cache="8")
+    scores(demand, batch)
+    assert cache_of(demand).stats["demand_loads"] == route_experts
+
+
+@pytest.mark.parametrize("cache", ["1", "3", "0.009MB"])
+def test_resident_experts_stay_within_the_cache_bound(tmp_path, cache):
+    data = hashfns_data_dir(str(tmp_path / "data"))
+    path = save_checkpoint(str(tmp_path / "ckpt"), data, "--hash-type", "bigram")
+    lm = hub(path, data, hash_offload_experts="prefetch", hash_expert_cache=cache)
+    d = lm.task.dictionary
+    for seed in range(3):
+        scores(lm, padded_batch(d, [9, 5, 7], seed=seed))
+    beam5(lm, d)
+    c = cache_of(lm)
+    expert = 2 * 16 * 32 * 4 + (16 + 32) * 4  # fp32 bytes of one expert
+    kind, value = parse_cache_size(cache)
+    bound = value * expert if kind == "experts" else value
+    assert 0 < c.stats["peak_bytes"] <= bound
+    assert c.stats["turns"] > 0  # a layer needed more than the cache holds
+
+
+def test_belady_eviction_keeps_what_the_plan_uses_next():
+    K = 4
+    tensors = dict(fc1_weight=torch.randn(K, 3, 2), fc1_bias=torch.randn(K, 3),
+                   fc2_weight=torch.randn(K, 2, 3), fc2_bias=torch.randn(K, 2))
+    cache = ExpertCache("2", prefetch=True)
+    cache.add_source("a", ExpertSource(tensors, "a"))
+    cache.set_target(torch.float32, torch.device("cpu"))
+    for e in (0, 1):
+        cache.release(("a", e)) if cache.get(("a", e)) else None
+    # the plan uses 1 before 0: loading 2 must evict 0
+    cache.planned.extend([("a", 2), ("a", 1), ("a", 0)])
+    with cache.cond:
+        key, entry = cache._next_to_load()
+    assert key == ("a", 2) and set(cache.entries) == {("a", 1), ("a", 2)}
+    cache._fill(key, entry)
+    assert torch.equal(cache.get(("a", 2)).rows[0], tensors["fc1_weight"][2])
+
+
+def test_experts_mapped_from_several_files_load_like_one(tmp_path):
+    """A loader that maps per-rank shard files hands over mapped tensors: they serve as is."""
+    data = hashfns_data_dir(str(tmp_path / "data"))
+    path = save_checkpoint(str(tmp_path / "ckpt"), data, "--hash-type", "previous")
+    resident = hub(path, data)
+    state = torch.load(path, map_location="cpu")
+    model = state["model"]
+    for layer in (0, 2):  # each layer's experts in a file of their own, mapped
+        prefix = f"decoder.layers.{layer}.fc1.experts."
+        part = {k: v for k, v in model.items() if k.startswith(prefix)}
+        torch.save(part, str(tmp_path / f"shard{layer}.pt"))
+        model.update(torch.load(str(tmp_path / f"shard{layer}.pt"), mmap=True))
+    lm = hub(path, data, hash_offload_experts="demand")
+    lm.models[0].load_state_dict(model)
+    sources = cache_of(lm).sources
+    assert sorted({f for s in sources.values() for f in s.files}) == \
+        [str(tmp_path / "shard0.pt"), str(tmp_path / "shard2.pt")]
+    batch = padded_batch(resident.task.dictionary, [9, 5, 7])
+    assert torch.equal(scores(lm, batch), scores(resident, batch))
+
+
+# --- through fairseq's tools -------------------------------------------------------------
+
+def run_tool(name, *args, stdin=None, check=True):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.run([os.path.join(BIN, name), *map(str, args)], input=stdin,
+                          capture_output=True, text=True, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+OVERRIDES = "{'hash_offload_experts': 'prefetch', 'hash_expert_cache': '2'}"
+
+
+@pytest.fixture(scope="module")
+def corpus_checkpoint(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    corpus = hashfns_corpus(str(base / "hashfns_corpus"))
+    return corpus, save_checkpoint(str(base / "offload_cli"), corpus, "--hash-type", "bigram")
+
+
+def test_eval_lm_word_scores_equal_with_model_overrides(corpus_checkpoint):
+    corpus, path = corpus_checkpoint
+    common = ["--path", path, "--user-dir", hashfns_user_dir(), "--cpu", "--output-word-probs",
+              "--max-tokens", "256", "--tokens-per-sample", "32"]
+    resident = run_tool("fairseq-eval-lm", corpus, *common)
+    offloaded = run_tool("fairseq-eval-lm", corpus, *common, "--model-overrides", OVERRIDES)
+
+    def words(proc):  # per-word log-probs ("3 v4 [-5.1234] ...") and the loss line
+        lines = (proc.stdout + proc.stderr).splitlines()
+        return [l for l in lines if l.startswith("INFO:fairseq_cli.eval_lm:")
+                and "{'_name'" not in l and "Evaluated" not in l
+                and "model params" not in l]  # experts are no parameters when offloaded
+
+    assert len(words(resident)) > 10 and words(offloaded) == words(resident)
+
+
+def test_interactive_beam5_hypotheses_equal_with_model_overrides(corpus_checkpoint):
+    corpus, path = corpus_checkpoint
+    common = [corpus, "--task", "language_modeling", "--path", path, "--user-dir",
+              hashfns_user_dir(), "--cpu", "--beam", "5", "--nbest", "5", "--max-len-b", "8"]
+    prompts = "v3 v4\nv10\nv1 v2 v3\n"
+
+    def hypotheses(proc):
+        return [l for l in proc.stdout.splitlines() if l[:2] in ("H-", "P-")]
+
+    resident = hypotheses(run_tool("fairseq-interactive", *common, stdin=prompts))
+    offloaded = hypotheses(run_tool("fairseq-interactive", *common, "--model-overrides",
+                                    OVERRIDES, stdin=prompts))
+    assert len(resident) == 30 and offloaded == resident
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["lots", "1.5", "-3", "12TB"])
+def test_a_bad_cache_size_is_one_line(value):
+    with pytest.raises(HashConfigError, match="--hash-expert-cache"):
+        parse_cache_size(value)
+
+
+def test_a_cache_smaller_than_one_expert_and_an_unknown_mode_are_refused(tmp_path):
+    data = hashfns_data_dir(str(tmp_path / "data"))
+    path = save_checkpoint(str(tmp_path / "ckpt"), data)
+    lm = hub(path, data, hash_offload_experts="prefetch", hash_expert_cache="1KB")
+    with pytest.raises(HashConfigError, match="--hash-expert-cache 0.000977MB holds no expert"):
+        scores(lm, padded_batch(lm.task.dictionary, [5]))
+    with pytest.raises(HashConfigError, match="--hash-offload-experts 'always' is unknown"):
+        hub(path, data, hash_offload_experts="always")
+
+
+def error_line(proc):
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("fairseq-hash: error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_truncated_checkpoint_is_refused_in_one_line_naming_it(corpus_checkpoint, tmp_path):
+    corpus, path = corpus_checkpoint
+    cut = str(tmp_path / "cut.pt")
+    with open(path, "rb") as f, open(cut, "wb") as out:
+        out.write(f.read()[: os.path.getsize(path) // 2])
+    proc = run_tool("fairseq-eval-lm", corpus, "--path", cut, "--user-dir", hashfns_user_dir(),
+                    "--cpu", "--model-overrides", OVERRIDES, check=False)
+    assert f"cannot read the checkpoint {cut}" in error_line(proc)
+
+
+def test_a_missing_checkpoint_is_refused_naming_it(corpus_checkpoint, tmp_path):
+    corpus, _ = corpus_checkpoint
+    gone = str(tmp_path / "gone.pt")
+    proc = run_tool("fairseq-eval-lm", corpus, "--path", gone, "--user-dir", hashfns_user_dir(),
+                    "--cpu", "--model-overrides", OVERRIDES, check=False)
+    assert proc.returncode != 0 and f"Model file not found: {gone}" in proc.stderr
+
+
+def test_an_expert_file_truncated_while_serving_is_refused_naming_it(tmp_path):
+    data = hashfns_data_dir(str(tmp_path / "data"))
+    path = save_checkpoint(str(tmp_path / "ckpt"), data)
+    lm = hub(path, data, hash_offload_experts="demand", hash_expert_cache="1")
+    os.truncate(path, os.path.getsize(path) // 2)
+    with pytest.raises(HashConfigError, match=f"expert file {path} is truncated"):
+        scores(lm, padded_batch(lm.task.dictionary, [5]))
+
+
+def test_offloaded_models_refuse_training(tmp_path):
+    data = hashfns_data_dir(str(tmp_path / "data"))
+    path = save_checkpoint(str(tmp_path / "ckpt"), data)
+    lm = hub(path, data, hash_offload_experts="prefetch")
+    with pytest.raises(HashConfigError, match="is for inference"):
+        lm.models[0].decoder.layers[0].fc1.experts.train()
