@@ -181,6 +181,7 @@ class ExpertSource:
         # would kill the process (SIGBUS), so a shorter file is refused first
         self.file_sizes = {f: os.path.getsize(f) for f in self.files if f}
         self.pinned = None  # on CUDA: the tensors in pinned host memory
+        self.pinning = threading.Lock()
 
     def row_bytes(self, dtype: Optional[torch.dtype] = None) -> int:
         """Bytes of one expert, in ``dtype`` (default: as stored)."""
@@ -218,9 +219,10 @@ class ExpertSource:
     def _read_cuda(self, expert, dtype, device, stream):
         # untested without a GPU: pinned host copies once, then one
         # asynchronous copy a row on the loader's side stream
-        if self.pinned is None:
-            self.check_files()
-            self.pinned = [t.pin_memory() for t in self.tensors]
+        with self.pinning:  # the loader and a forward loading on demand
+            if self.pinned is None:
+                self.check_files()
+                self.pinned = [t.pin_memory() for t in self.tensors]
         with torch.cuda.stream(stream):
             rows = [row[expert].to(device, non_blocking=True).to(dtype) for row in self.pinned]
         return rows
@@ -339,14 +341,14 @@ class ExpertCache:
                     return entry
                 loader_will = (self.planned and self.planned[0] == key and self.loader is not None
                                and self.loader.is_alive())
-                if loader_will:
+                if loader_will:  # (the timeout re-checks that the loader still runs)
                     waited = True
-                    self.cond.wait()
+                    self.cond.wait(timeout=1)
                     continue
                 # on demand: load it here, once there is room
                 nbytes = self.expert_bytes(key[0])
                 if not self._make_room(nbytes, before=None):
-                    self.cond.wait()
+                    self.cond.wait(timeout=1)  # for the loader's current read to end
                     continue
                 entry = self._insert(key, nbytes)
                 entry.pins += 1

@@ -182,7 +182,8 @@ def measure(opts, checkpoint, data, task, offload, cache, cold):
     cmd = [sys.executable, "-m", "fairseq_hash.cli.bench_offload", "--child", task,
            "--checkpoint", checkpoint, "--data", data, "--offload", offload, "--cache", str(cache),
            "--sentences", str(opts.sentences)] + (["--cold"] if cold else [])
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(opts.threads),
+               MKL_NUM_THREADS=str(opts.threads))
     if not cold:  # warm: the checkpoint's pages are in the page cache
         with open(checkpoint, "rb") as f:
             while f.read(64 << 20):
@@ -208,6 +209,10 @@ def main(argv=None):
                         help="cache sizes of the speed-against-cache rows (cold eval; none: skip)")
     parser.add_argument("--sentences", type=int, default=8,
                         help="prompts of the beam-5 generation (default 8)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads of every run (OMP_NUM_THREADS; default "
+                        f"{torch.get_num_threads()}); on a loaded machine 1 keeps the rows "
+                        "comparable: a product on 2 threads waits for the slower one")
     parser.add_argument("--workdir", help="folder for data and checkpoints (default: a temporary one)")
     parser.add_argument("--json", metavar="FILE", help="also write every row to FILE")
     parser.add_argument("--plot", metavar="PNG", help="plot eval tokens/s against the cache size")
@@ -234,7 +239,7 @@ def main(argv=None):
     expert_mb = (2 * opts.embed_dim * opts.ffn_dim + opts.embed_dim + opts.ffn_dim) * 4 / 2**20
     print(f"{opts.hash_layers} hash layers x {opts.experts} experts of {expert_mb:.1f} MB "
           f"({opts.hash_layers * opts.experts * expert_mb:.0f} MB of experts); "
-          f"cache {opts.cache} experts; {torch.get_num_threads()} threads", flush=True)
+          f"cache {opts.cache} experts; {opts.threads} threads", flush=True)
     rows = []
     print("| model | page cache | eval tokens/s | beam-5 sentences/s | peak RSS MB | "
           "cache peak MB | expert MB read (eval) | disk MB read (eval) |")
