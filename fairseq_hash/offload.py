@@ -434,12 +434,17 @@ class ExpertCache:
                 self.stats["bytes_read"] += source.row_bytes()
             self.cond.notify_all()
 
-    def fits(self, layer_keys: Sequence[tuple]) -> List[List[tuple]]:
-        """``layer_keys`` cut into turns whose experts fit in the cache together."""
+    def turns(self, layer_keys: Sequence[tuple]) -> List[List[tuple]]:
+        """``layer_keys`` cut into turns whose experts fit in the cache together.
+
+        With prefetch a turn takes at most half the cache, so that the loader
+        reads the next turn's experts into the other half while this one computes.
+        """
+        budget = self.capacity // 2 if self.prefetch else self.capacity
         turns, current, size = [], [], 0
         for key in layer_keys:
             nbytes = self.expert_bytes(key[0])
-            if current and size + nbytes > self.capacity:
+            if current and size + nbytes > budget:
                 turns.append(current)
                 current, size = [], 0
             current.append(key)
@@ -537,7 +542,7 @@ class OffloadedExperts(nn.Module):
         starts = [0]
         for n in counts:
             starts.append(starts[-1] + n)
-        turns = self.cache.fits(needed)
+        turns = self.cache.turns(needed)
         if len(turns) > 1:
             self.cache.stats["turns"] += len(turns) - 1
         for turn in turns:

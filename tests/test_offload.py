@@ -295,3 +295,23 @@ def test_offloaded_models_refuse_training(tmp_path):
     lm = hub(path, data, hash_offload_experts="prefetch")
     with pytest.raises(HashConfigError, match="is for inference"):
         lm.models[0].decoder.layers[0].fc1.experts.train()
+
+
+def test_generate_on_an_encoder_decoder_model_equals_resident(tmp_path):
+    """fairseq-generate, beam 5, on a hash_transformer: encoder and decoder offloaded alike."""
+    from models_util import TINY_SEQ2SEQ, seq2seq_data
+
+    data = seq2seq_data(str(tmp_path), lines=200)
+    path = save_untrained_checkpoint(str(tmp_path / "checkpoint.pt"),
+                                     [data, *TINY_SEQ2SEQ, "--dropout", "0", "--cpu"])
+    common = [data, "--path", path, "--user-dir", hashfns_user_dir(), "--cpu", "--beam", "5",
+              "--nbest", "2", "--max-len-b", "10", "--batch-size", "16"]
+
+    def hypotheses(proc):
+        return sorted(l for l in proc.stdout.splitlines() if l[:2] in ("H-", "P-"))
+
+    resident = hypotheses(run_tool("fairseq-generate", *common))
+    offloaded = hypotheses(run_tool("fairseq-generate", *common, "--model-overrides",
+                                    "{'hash_offload_experts': 'prefetch', "
+                                    "'hash_expert_cache': '3'}"))
+    assert len(resident) > 20 and offloaded == resident
