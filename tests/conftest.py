@@ -146,8 +146,23 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("unit") or item.get_closest_marker("integration"):
             continue
         seen = set()
-        fixtures = item._fixtureinfo.name2fixturedefs.values()
+        fixtures = item._fixtureinfo.name2fixturedefs
         uses_processes = _starts_processes(getattr(item, "function", None), seen) or any(
-            _starts_processes(defs[-1].func, seen) for defs in fixtures)
+            _starts_processes(defs[-1].func, seen) for name, defs in fixtures.items()
+            if name != "_unit_tests_start_no_process" and _in_tests(defs[-1].func))
         slow = item.get_closest_marker("slow") is not None
         item.add_marker("integration" if uses_processes or slow else "unit")
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request, monkeypatch):
+    """Keeps the unit tier fast: a unit test that starts a process fails and says why."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process: mark it "
+                             "@pytest.mark.integration (tests/conftest.py marks it unit)")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
