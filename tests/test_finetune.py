@@ -17,7 +17,7 @@ TINIEST = ["--preset", "tiny", "--vocab-size", "60", "--layers", "1", "--embed-d
 
 
 def finetune_command(*args):
-    return [sys.executable, "-m", "fairseq_hash.cli.finetune", *map(str, args)]
+    return [sys.executable, "-m", "fairseq_hash.cli.experiments.finetune", *map(str, args)]
 
 
 def write_labelled(folder, n=500, seed=0):
@@ -96,8 +96,8 @@ def test_labels_of_another_length_are_refused_in_one_line_and_nothing_written(tm
 
 
 def test_builtin_task_labels_balanced_packages_of_the_stdlib():
-    from fairseq_hash.cli.finetune import package_lines
-    from fairseq_hash.cli.prepare import builtin_corpus_items
+    from fairseq_hash.cli.experiments.finetune_classify import package_lines
+    from fairseq_hash.cli.data.corpus import builtin_corpus_items
 
     lines, labels = package_lines(3)
     counts = {label: labels.count(label) for label in set(labels)}
