@@ -81,6 +81,7 @@ def data_bin(tmp_path_factory):
     return prepare(str(tmp_path_factory.mktemp("bench_data")), max_lines=300)
 
 
+@pytest.mark.integration  # runs fairseq-train inside bench.run
 def test_train_mode_reports_words_per_second_for_dense_and_hash_with_each_optimizer(
         tmp_path, data_bin):
     path = tmp_path / "train.json"
@@ -148,6 +149,7 @@ def test_cpu_peak_memory_holds_both_hidden_activations_of_a_dense_ffn():
     assert peak_mb >= 2 * S * f * 4 / 2**20
 
 
+@pytest.mark.integration  # starts 2 ranks inside bench.run
 def test_two_rank_layer_benchmark_times_both_exchanges_and_counts_the_traffic(tmp_path):
     out = tmp_path / "ranks.json"
     rows = bench.run(["--ranks", "2", "--experts", "4", "--tokens", "32", "--repeat", "1",
@@ -160,6 +162,7 @@ def test_two_rank_layer_benchmark_times_both_exchanges_and_counts_the_traffic(tm
     assert json.loads(out.read_text()) == rows
 
 
+@pytest.mark.integration  # starts 2 ranks inside bench.run
 def test_two_rank_count_gathers_are_timed_for_all_layers_and_per_layer():
     rows = bench.run(["--ranks", "2", "--counts", "--experts", "8", "--layers", "3"])
     assert {r["setting"] for r in rows} == {"one gather for all layers", "one gather a layer"}
