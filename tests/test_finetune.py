@@ -111,13 +111,16 @@ def test_builtin_task_labels_balanced_packages_of_the_stdlib():
 
 def test_finetune_takes_an_existing_data_bin(results, tmp_path):
     out, first = results
-    cls_bin = first["settings"]["data"]
+    # recorded relative to the output folder, so the results name no folder of this machine
+    assert first["settings"]["data"] == os.path.join("data", "cls-bin")
+    cls_bin = os.path.join(out, first["settings"]["data"])
     again = str(tmp_path / "again")
     run(finetune_command("--output-dir", again, "--data-bin", cls_bin, "--models", "hash",
                          "--tasks", "classify", *TINIEST, "--finetune-updates", "10", "--validate-every", "10"))
     with open(os.path.join(again, "results.json")) as f:
         data = json.load(f)
-    assert data["settings"]["data"] == cls_bin and data["settings"]["classes"] == 2
+    assert data["settings"]["data"] == os.path.relpath(cls_bin, again)
+    assert data["settings"]["classes"] == 2
     assert [r["model"] for r in data["rows"]] == ["hash"] and data["rows"][0]["ok"]
     assert not os.path.exists(os.path.join(again, "data"))  # nothing prepared again
 
