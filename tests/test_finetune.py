@@ -175,7 +175,7 @@ def test_seq2seq_rows_of_every_model_report_perplexity_and_bleu(seq2seq_results)
     assert "## Next utterance" in table and "| upcycled | 2 |" in table
     assert "## Classification" not in table
     # fine-tuning is on the dialogues, with the pretraining data-bin's dictionary
-    pre, fine = (data["settings"][f"s2s_{s}_data"] for s in ("pretrain", "finetune"))
+    pre, fine = (os.path.join(out, data["settings"][f"s2s_{s}_data"]) for s in ("pretrain", "finetune"))
     with open(os.path.join(pre, "dict.src.txt")) as a, open(os.path.join(fine, "dict.src.txt")) as b:
         assert a.read() == b.read()
     assert data["settings"]["s2s_finetune_sizes"].split("/")[0] != "0"
