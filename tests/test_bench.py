@@ -1,7 +1,6 @@
 """fairseq-hash-bench runs at a tiny size, writes valid JSON, and compares
 implementations that compute the same thing. No timing is asserted."""
 import json
-import os
 import subprocess
 import sys
 
@@ -127,10 +126,10 @@ def test_bfloat16_layer_benchmark_runs_hash_and_notes_fairscales_float32_cast(tm
     assert "skipped fairscale" in caplog.text
 
 
-def test_train_phases_script_prints_each_phase_of_an_update(data_bin):
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "train_phases.py")
+def test_train_phases_benchmark_prints_each_phase_of_an_update(data_bin):
     out = subprocess.run(
-        [sys.executable, script, data_bin, "--arch", "hash_transformer_lm", "--hash-experts", "2",
+        [sys.executable, "-m", "fairseq_hash.cli.bench.phases", data_bin,
+         "--arch", "hash_transformer_lm", "--hash-experts", "2",
          "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32",
          "--decoder-attention-heads", "2", "--tokens-per-sample", "64", "--max-tokens", "256",
          "--updates", "3", "--skip", "1"],

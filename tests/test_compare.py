@@ -17,8 +17,11 @@ def test_compare_writes_results_with_a_row_per_model(data_bin, tmp_path, capsys)
                          "--tokens-per-sample", "32", "--max-tokens", "256",
                          "--optimizer", "fused_adamw"])
     assert code == 0
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
     assert [r["name"] for r in rows] == models
+    # the data path relative to the output folder: no folder of this machine in the results
+    assert results["settings"]["data"] == os.path.relpath(data_bin, out)
     for r in rows:
         assert r["ok"] and r["test_ppl"] > 1 and r["valid_ppl"] > 1, r
         assert [u for u, *_ in r["curve"]] == [2, 4]

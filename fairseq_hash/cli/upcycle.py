@@ -97,7 +97,8 @@ def read_checkpoint(path):
     try:
         state = checkpoint_utils.load_checkpoint_to_cpu(path)
     except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        # torch's first sentence says what broke; the rest is advice for its own users
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
         raise HashConfigError(f"{path}: not a readable checkpoint ({reason}); is the file "
                               "complete? give a checkpoint written by fairseq-train") from None
     if not isinstance(state, dict) or state.get("cfg") is None or "model" not in state:
