@@ -4,7 +4,7 @@ from fairseq.data import Dictionary
 from fairseq.models.transformer import TransformerConfig
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
-from fairseq_hash.experts import ExpertFFN, grouped_linear
+from fairseq_hash.experts import ExpertFFN
 from fairseq_hash.hashing import RouteInputs, build_hash_function
 from fairseq_hash.models.fairseq_surgery import replace_ffn
 from fairseq_hash.moe_factory import build_hash_moe
@@ -68,26 +68,6 @@ def test_gradients_reach_only_experts_that_received_tokens():
         assert norms[2] == 0, name
         assert (norms[[0, 1, 3]] > 0).all(), name
     assert x.grad.abs().sum() > 0
-
-
-def test_grouped_linear_matches_per_expert_reference():
-    torch.manual_seed(0)
-    counts = [3, 0, 5, 2]
-    x = torch.randn(10, 6, requires_grad=True)
-    w = torch.randn(4, 7, 6, requires_grad=True)
-    b = torch.randn(4, 7, requires_grad=True)
-    y = grouped_linear(x, w, b, counts)
-    g = torch.randn_like(y)
-    (y * g).sum().backward()
-    grads = [t.grad.clone() for t in (x, w, b)]
-    for t in (x, w, b):
-        t.grad = None
-    bounds = torch.tensor([0] + counts).cumsum(0).tolist()
-    ref = torch.cat([x[lo:hi] @ w[e].t() + b[e] for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])
-    (ref * g).sum().backward()
-    torch.testing.assert_close(y, ref)
-    for got, t in zip(grads, (x, w, b)):
-        torch.testing.assert_close(got, t.grad)
 
 
 def test_expert_parameters_are_marked():
