@@ -75,3 +75,18 @@ def test_expert_parameters_are_marked():
                    ExpertFFN(2, 4, 8))
     assert all(getattr(p, "expert", False) for p in moe.experts.parameters())
     assert not any(getattr(p, "expert", False) for p in moe.router.parameters())
+
+
+def test_a_model_hands_each_hash_layer_its_route_for_the_forward_only(tmp_path):
+    from hashfns_util import hashfns_data_dir, hashfns_model, hashfns_tokens
+
+    model, d = hashfns_model(hashfns_data_dir(str(tmp_path)), "--hash-layer", "0,1")
+    tokens = hashfns_tokens(d)
+    seen = {}
+    for idx, moe in model.decoder.moe_layers.items():
+        moe.register_forward_pre_hook(lambda m, args, idx=idx: seen.update({idx: m.route}))
+    model(tokens)
+    for idx, moe in model.decoder.moe_layers.items():
+        assert isinstance(seen[idx], Route) and seen[idx].plan is None  # one process: no plan
+        assert torch.equal(seen[idx].inputs.tokens, tokens)
+        assert moe.route is None  # nothing left behind for the next call
