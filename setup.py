@@ -37,6 +37,7 @@ setup(
             "fairseq-hash-bench=fairseq_hash.cli.bench:main",
             "fairseq-hash-upcycle=fairseq_hash.cli.upcycle:main",
             "fairseq-hash-finetune=fairseq_hash.cli.finetune:main",
+            "fairseq-hash-consolidate=fairseq_hash.cli.consolidate:main",
         ],
     },
 )

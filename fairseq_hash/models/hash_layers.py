@@ -19,6 +19,7 @@ from fairseq.dataclass import FairseqDataclass
 from omegaconf import OmegaConf
 
 from ..errors import HashConfigError
+from ..expert_shards import num_rows
 from ..experts import ExpertFFN
 from ..expert_parallel import (AllToAllExchange, check_ddp_backend, expert_layout,
                                gather_counts, sync_expert_gradients)
@@ -539,9 +540,9 @@ class HashLayers:
             key = f"{name}.layers.{idx}.fc1.experts.fc1_weight"
             # all K FFNs of the layer, whichever share of them this rank holds
             num_ffns = moe.experts.total_experts
-            if key in state_dict and state_dict[key].size(0) != num_ffns:
+            if key in state_dict and num_rows(state_dict[key]) != num_ffns:
                 raise HashConfigError(
-                    f"the checkpoint has {state_dict[key].size(0)} experts in {self.side} hash "
+                    f"the checkpoint has {num_rows(state_dict[key])} experts in {self.side} hash "
                     f"layer {idx} "
                     f"but --hash-experts is {num_ffns}; use the checkpoint's value"
                 )
