@@ -88,6 +88,13 @@ def test_consolidate_writes_the_one_file_checkpoint_with_the_same_perplexity(
     assert len(moments) == 4  # fc1 and fc2 weights of both hash layers
     # one process reads the set with no step in between; both give one perplexity
     assert eval_lm(data_bin, out) == eval_lm(data_bin, os.path.join(sharded, "checkpoint_last.pt"))
+    from fairseq.models.transformer_lm import TransformerLanguageModel
+
+    import fairseq_hash  # noqa: F401  (registers the model, reads sharded sets)
+
+    hub = TransformerLanguageModel.from_pretrained(sharded, "checkpoint_last.pt", data_bin)
+    for key, value in hub.models[0].state_dict().items():
+        assert torch.equal(value, state["model"][key]), key
     again = run([tool("fairseq-hash-consolidate"), out, "--output", str(tmp_path / "x.pt")],
                 check=False)
     assert "already one file" in error_line(again)
