@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+from .command import command
+
 
 def consolidate(path: str, output: str) -> dict:
     """Write ``output``, the one-file form of the checkpoint ``path``; returns its state."""
@@ -38,6 +40,7 @@ def consolidate(path: str, output: str) -> dict:
     return state
 
 
+@command("fairseq-hash-consolidate")
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fairseq-hash-consolidate",
                                      description=__doc__.split("\n\n")[0].strip("`: "))
@@ -46,9 +49,6 @@ def main(argv=None):
     parser.add_argument("--output", required=True, metavar="WHOLE.pt",
                         help="where to write the one-file checkpoint (must not exist)")
     args = parser.parse_args(argv)
-    from fairseq_hash.errors import install_excepthook
-
-    install_excepthook()  # also under python -m, where the package was imported first
     consolidate(args.checkpoint, args.output)
     print(args.output)
 
