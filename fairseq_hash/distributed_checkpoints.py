@@ -142,7 +142,7 @@ def experts_left_out(trainer, index, keys):
     def state_dict():
         state = full()
         for key in keys:
-            state["model"].pop(key, None)
+            del state["model"][key]  # this rank's rows: in its shard
         optimizer = state.get("last_optimizer_state")
         if isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict):
             for i in index["optimizer"].values():
@@ -176,8 +176,11 @@ def remove_unnamed_shards(save_dir):
 def keep_own_optimizer_rows(trainer):
     """After fairseq loaded a checkpoint: this rank's rows of expert optimizer
     state, read from the shards (sharded) or cut from whole ``[K, ...]`` stacks."""
+    params = list(expert_parameters(trainer.get_model(), spread_only=False))
+    if not params:
+        return
     state, keyed_by, _ = optimizer_state(trainer)
-    for key, p, experts, _ in expert_parameters(trainer.get_model(), spread_only=False):
+    for key, p, experts, _ in params:
         q = keyed_by(p)
         first, held = experts.first_expert, p.size(0)
         if expert_shards.is_rows(state.get(q)):

@@ -219,5 +219,5 @@ def test_fairscale_dispatch_trains_and_saves_every_expert(data_bin, tmp_path):
     save = str(tmp_path / "fairscale")
     proc = train_on_two_ranks(data_bin, save, "--max-update", "3", "--moe-dispatch", "fairscale")
     assert len(losses(proc)) == 3
-    model = torch.load(os.path.join(save, "checkpoint_last.pt"))["model"]
+    model = whole_model(os.path.join(save, "checkpoint_last.pt"))
     assert model["decoder.layers.0.fc1.experts.fc1_weight"].size(0) == 4

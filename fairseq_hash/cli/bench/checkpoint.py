@@ -185,9 +185,9 @@ def main(argv=None):
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4],
                         help="world sizes to measure, gloo processes on this machine "
                         "(default 2 4)")
-    parser.add_argument("--experts", type=int, default=16, help="K (default 16)")
-    parser.add_argument("--embed-dim", type=int, default=256, help="d (default 256)")
-    parser.add_argument("--ffn-dim", type=int, default=2048, help="f (default 2048)")
+    parser.add_argument("--experts", type=int, default=16, help="experts K of each hash layer (default 16)")
+    parser.add_argument("--embed-dim", type=int, default=256, help="model width d (default 256)")
+    parser.add_argument("--ffn-dim", type=int, default=2048, help="hidden width f of every expert (default 2048)")
     parser.add_argument("--hash-layers", type=int, default=2,
                         help="decoder layers, all hash layers (default 2)")
     parser.add_argument("--data-bin", metavar="DIR",
