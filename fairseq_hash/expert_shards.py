@@ -21,13 +21,15 @@ so a new set never overwrites a file that an older index names: a run that
 stops between its shards and its index leaves the previous checkpoint whole.
 
 Reading: a wrapper of fairseq's ``checkpoint_utils.load_checkpoint_to_cpu``
-(``distributed_checkpoints.install_checkpoint_loading``) calls :func:`resolve_shards`,
-which checks the shards named by the index and
-puts a small *row reference* (a dict, see :func:`is_rows`) where each expert
-tensor and its optimizer state would be. An expert module resolves its
-reference with :func:`read_rows` for the rows it holds, from the shard files
-memory-mapped, so no process reads more than its own rows: one process holds
-all K, a rank of P holds K/P, on any number of ranks.
+(``distributed_checkpoints.install_checkpoint_loading``) calls
+:func:`resolve_shards`, which checks the shards named by the index and puts a
+small *row reference* (a dict, see :func:`is_rows`) where each expert tensor
+would be, and a mark where its optimizer state would be. An expert
+module resolves its reference with :func:`read_rows` for the rows it holds,
+from the shard files memory-mapped, and remembers it, so that the optimizer's
+rows are read from the same files after fairseq loads the optimizer. No
+process reads more than its own rows: one process holds all K, a rank of P
+holds K/P, on any number of ranks.
 """
 import os
 import re
@@ -81,11 +83,11 @@ def num_rows(value) -> int:
     return value[ROWS]["total"] if is_rows(value) else value.size(0)
 
 
-def _reference(index: dict, folder: str, key: str, part: str) -> dict:
+def _reference(index: dict, folder: str, key: str) -> dict:
     entry = index["model"][key]
     pieces = [[os.path.join(folder, index["shards"][i]["file"]), first, count]
               for i, first, count in entry["rows"]]
-    return {ROWS: {"key": key, "part": part, "tag": index["tag"], "total": entry["total"],
+    return {ROWS: {"key": key, "part": "model", "tag": index["tag"], "total": entry["total"],
                    "pieces": pieces}}
 
 
@@ -117,7 +119,7 @@ def resolve_shards(state: dict, path: str) -> dict:
     check_shards(index, path)
     folder = os.path.dirname(os.path.abspath(path))
     for key in index["model"]:
-        state["model"][key] = _reference(index, folder, key, "model")
+        state["model"][key] = _reference(index, folder, key)
     optimizer = state.get("last_optimizer_state")
     if isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict):
         for key, i in index["optimizer"].items():
