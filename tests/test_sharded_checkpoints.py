@@ -3,9 +3,12 @@ writes its own experts, any world size reads them, one process reads the set."""
 import glob
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
+
+from fairseq_hash import expert_shards  # (imports fairseq before any test runs)
 
 from conftest import TINY_MODEL, TINY_TRAIN, run, tool, user_dir
 from test_bad_input import error_line
@@ -21,8 +24,6 @@ def shard_files(save_dir):
 
 def train_on_ranks(world, data_bin, save_dir, *extra, check=True):
     """fairseq-train on ``world`` gloo ranks; rank 0's output."""
-    import subprocess
-
     args = [tool("fairseq-train"), data_bin, "--user-dir", user_dir(), *TINY_MODEL, *TINY_TRAIN,
             *EXACT, "--save-dir", save_dir, "--distributed-world-size", str(world),
             "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp",
@@ -89,8 +90,6 @@ def test_consolidate_writes_the_one_file_checkpoint_with_the_same_perplexity(
     # one process reads the set with no step in between; both give one perplexity
     assert eval_lm(data_bin, out) == eval_lm(data_bin, os.path.join(sharded, "checkpoint_last.pt"))
     from fairseq.models.transformer_lm import TransformerLanguageModel
-
-    import fairseq_hash  # noqa: F401  (registers the model, reads sharded sets)
 
     hub = TransformerLanguageModel.from_pretrained(sharded, "checkpoint_last.pt", data_bin)
     for key, value in hub.models[0].state_dict().items():
@@ -200,3 +199,27 @@ def test_fp16_optimizer_state_of_every_expert_is_saved_and_resumed(data_bin, tmp
     a = losses(train_on_two_ranks(data_bin, save, "--max-epoch", "2", *fp16))
     b = losses(train_on_two_ranks(data_bin, reference, "--max-epoch", "2", *fp16))
     assert a and a == b
+
+
+def test_rows_across_shards_are_read_as_one_tensor_and_one_state(tmp_path):
+    """Rows [1, 3) of a set of two shards of 2 rows: one from each file."""
+    whole = torch.arange(4 * 3, dtype=torch.float32).view(4, 3)
+    written = []
+    for shard in range(2):
+        rows = whole[2 * shard:2 * shard + 2].clone()
+        name = expert_shards.shard_name("e1-u1-ab", shard, 2)
+        torch.save(expert_shards.shard_contents(
+            "e1-u1-ab", shard, 2, model={"w": rows}, rows={"w": [2 * shard, 2, 4]},
+            optimizer={"w": {"exp_avg": -rows, "step": 7}}), tmp_path / name)
+        written.append({"shard": shard, "file": name, "bytes": os.path.getsize(tmp_path / name),
+                        "rows": {"w": [2 * shard, 2, 4]}})
+    state = {"model": {}, "last_optimizer_state": {"state": {}},
+             expert_shards.INDEX: expert_shards.build_index("e1-u1-ab", written, {"w": 0})}
+    state = expert_shards.resolve_shards(state, str(tmp_path / "checkpoint_last.pt"))
+    ref = state["model"]["w"]
+    assert torch.equal(expert_shards.read_rows(ref, 1, 2), whole[1:3])
+    moments = expert_shards.read_rows(expert_shards.optimizer_reference(ref), 1, 2)
+    assert torch.equal(moments["exp_avg"], -whole[1:3]) and moments["step"] == 7
+    one_file = expert_shards.consolidated(state)
+    assert torch.equal(one_file["model"]["w"], whole)
+    assert torch.equal(one_file["last_optimizer_state"]["state"][0]["exp_avg"], -whole)
