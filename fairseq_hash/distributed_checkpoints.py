@@ -216,7 +216,9 @@ def install_checkpoint_wrappers():
             return save(cfg, trainer, epoch_itr, val_loss)
         with experts_left_out(trainer, index, index["model"]):
             result = save(cfg, trainer, epoch_itr, val_loss)
-        remove_unnamed_shards(cfg.save_dir)
+        # an asynchronous write may not have renamed the new index yet
+        if not cfg.write_checkpoints_asynchronously:
+            remove_unnamed_shards(cfg.save_dir)
         return result
 
     save_checkpoint._fairseq_hash = True
