@@ -7,9 +7,11 @@ from . import safe_globals  # noqa: E402,F401  (before fairseq loads any checkpo
 from .errors import install_excepthook, running_as_command  # noqa: E402
 # registers the hash functions, models, criterion and optimizer
 from . import criterions, hashing, models, optim  # noqa: E402,F401
+from .distributed_checkpoints import install_checkpoint_loading  # noqa: E402
 from .offload import install_offload_loading  # noqa: E402
 
-# inert unless --model-overrides asks for hash_offload_experts
+install_checkpoint_loading()  # sharded checkpoints, before fairseq loads any
+# inert unless --model-overrides asks for hash_offload_experts; wraps the loader above
 install_offload_loading()
 
 # only fairseq's tools and ours: importing the plugin leaves a program's own hook

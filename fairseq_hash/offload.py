@@ -50,7 +50,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import HashConfigError
-from .experts import dropout_inactive, for_expert_groups, fused_activation
+from .expert_shards import ROWS, is_rows, read_rows
+from .expert_threads import for_expert_groups
+from .experts import dropout_inactive, fused_activation
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +164,12 @@ class ExpertSource:
     """One layer's K experts as four ``[K, ...]`` tensors: ``fc1_weight [K, f, d]``,
     ``fc1_bias [K, f]``, ``fc2_weight [K, d, f]``, ``fc2_bias [K, d]``.
 
+    A stack may come in pieces: the rows of a sharded checkpoint's shard files
+    (``expert_shards``), each mapped from its file.
+
     Args:
-        tensors (dict): name -> tensor, as in a state dict (mapped or in memory)
+        tensors (dict): name -> ``[K, ...]`` tensor (mapped or in memory), or a list
+            of ``(first row, [rows, ...] tensor)`` pieces covering the K experts
         name (str): names the layer in errors
     """
 
@@ -171,21 +177,25 @@ class ExpertSource:
     # each read, so that every read comes from the disk (a file larger than memory)
     uncached = False
 
-    def __init__(self, tensors: Dict[str, torch.Tensor], name: str):
-        self.tensors = [tensors[n] for n in EXPERT_PARAMS]
+    def __init__(self, tensors: Dict[str, object], name: str):
+        self.pieces = [v if isinstance(v, list) else [(0, v)]
+                       for v in (tensors[n] for n in EXPERT_PARAMS)]
         self.name = name
-        self.num_experts = self.tensors[0].size(0)
+        self.num_experts = sum(t.size(0) for _, t in self.pieces[0])
         mappings = _file_mappings()
-        self.files, self.offsets = zip(*(file_position(t, mappings) for t in self.tensors))
+        # per parameter, per piece: (first row, tensor, file, offset of its first row)
+        self.pieces = [[(first, t, *file_position(t, mappings)) for first, t in pieces]
+                       for pieces in self.pieces]
+        self.files = sorted({f for pieces in self.pieces for _, _, f, _ in pieces if f})
         # the mapped length of each file: reading past a truncated file's end
         # would kill the process (SIGBUS), so a shorter file is refused first
-        self.file_sizes = {f: os.path.getsize(f) for f in self.files if f}
-        self.pinned = None  # on CUDA: the tensors in pinned host memory
+        self.file_sizes = {f: os.path.getsize(f) for f in self.files}
+        self.pinned = None  # on CUDA: the pieces in pinned host memory
         self.pinning = threading.Lock()
 
     def row_bytes(self, dtype: Optional[torch.dtype] = None) -> int:
         """Bytes of one expert, in ``dtype`` (default: as stored)."""
-        return sum(t[0].numel() * (dtype or t.dtype).itemsize for t in self.tensors)
+        return sum(p[0][1][0].numel() * (dtype or p[0][1].dtype).itemsize for p in self.pieces)
 
     def check_files(self):
         for path, size in self.file_sizes.items():
@@ -198,34 +208,39 @@ class ExpertSource:
                     f"expert file {path} is truncated: {now} bytes, {size} when the checkpoint "
                     f"was loaded ({self.name}); restore the checkpoint and load it again")
 
-    def read(self, expert: int, dtype: torch.dtype, device: torch.device, stream=None):
-        """Expert ``expert``'s four rows as new tensors of ``dtype`` on ``device``."""
+    def _rows(self, expert: int):
+        """Per parameter: (its row of ``expert``, the file it is mapped from, the row's offset)."""
         if not 0 <= expert < self.num_experts:
             raise IndexError(f"{self.name}: expert {expert} of {self.num_experts}")
+        for pieces in self.pieces:
+            first, t, path, offset = next(p for p in pieces if p[0] <= expert < p[0] + p[1].size(0))
+            row = t[expert - first]
+            yield row, path, offset + (expert - first) * row.numel() * row.element_size()
+
+    def read(self, expert: int, dtype: torch.dtype, device: torch.device, stream=None):
+        """Expert ``expert``'s four rows as new tensors of ``dtype`` on ``device``."""
         if device.type == "cuda":
             return self._read_cuda(expert, dtype, device, stream)
         self.check_files()
-        rows = []
-        for t, path, offset in zip(self.tensors, self.files, self.offsets):
-            src = t[expert]
-            rows.append(torch.empty(src.shape, dtype=dtype).copy_(src))
+        out = []
+        for row, path, offset in self._rows(expert):
+            out.append(torch.empty(row.shape, dtype=dtype).copy_(row))
             if path:
-                release_pages(src)
+                release_pages(row)
                 if self.uncached:
-                    nbytes = src.numel() * src.element_size()
-                    _drop_page_cache(path, offset + expert * nbytes, nbytes)
-        return rows
+                    _drop_page_cache(path, offset, row.numel() * row.element_size())
+        return out
 
     def _read_cuda(self, expert, dtype, device, stream):
-        # untested without a GPU: pinned host copies once, then one
+        # untested without a GPU: the rows pinned in host memory once, then one
         # asynchronous copy a row on the loader's side stream
         with self.pinning:  # the loader and a forward loading on demand
             if self.pinned is None:
                 self.check_files()
-                self.pinned = [t.pin_memory() for t in self.tensors]
+                self.pinned = [torch.cat([t for _, t, _, _ in pieces]).pin_memory()
+                               for pieces in self.pieces]
         with torch.cuda.stream(stream):
-            rows = [row[expert].to(device, non_blocking=True).to(dtype) for row in self.pinned]
-        return rows
+            return [rows[expert].to(device, non_blocking=True).to(dtype) for rows in self.pinned]
 
 
 # --- the cache and its loader -------------------------------------------------------------
@@ -493,7 +508,7 @@ class OffloadedExperts(nn.Module):
 
     def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, cache: ExpertCache):
         super().__init__()
-        self.num_experts = self.total_experts = num_experts
+        self.local_experts = self.total_experts = num_experts
         self.first_expert = 0
         self.shapes = dict(fc1_weight=(num_experts, ffn_dim, embed_dim),
                            fc1_bias=(num_experts, ffn_dim),
@@ -505,6 +520,11 @@ class OffloadedExperts(nn.Module):
         self.activation_dropout = nn.Identity()
         # follows .half() and .cuda() of the model: the dtype and device to load into
         self.register_buffer("like", torch.empty(0), persistent=False)
+
+    @property
+    def bins(self) -> int:
+        """Expert ids the dispatch counts (all K: offloaded layers serve on one process)."""
+        return self.local_experts
 
     def train(self, mode: bool = True):
         if mode:
@@ -519,9 +539,15 @@ class OffloadedExperts(nn.Module):
             value = state_dict.get(prefix + name)
             if value is None:
                 missing_keys.append(prefix + name)
-            elif tuple(value.shape) != self.shapes[name]:
+                continue
+            if is_rows(value):  # a sharded checkpoint: each shard's rows, mapped
+                value = [(first, read_rows(value, first, count))
+                         for _, first, count in value[ROWS]["pieces"]]
+            pieces = value if isinstance(value, list) else [(0, value)]
+            shape = (sum(t.size(0) for _, t in pieces), *pieces[0][1].shape[1:])
+            if shape != self.shapes[name]:
                 error_msgs.append(f"size mismatch for {prefix + name}: checkpoint "
-                                  f"{tuple(value.shape)}, model {self.shapes[name]}")
+                                  f"{shape}, model {self.shapes[name]}")
             else:
                 tensors[name] = value
         if len(tensors) == len(EXPERT_PARAMS):
@@ -594,38 +620,40 @@ class OffloadedExperts(nn.Module):
 
 # --- the hooks: building, planning, loading checkpoints ----------------------------------
 
-def build_expert_cache(args) -> Optional[ExpertCache]:
-    """The cache of one encoder or decoder, or None when its experts stay resident."""
-    mode = getattr(args, "hash_offload_experts", "none") or "none"
-    check_offload_mode(mode)
-    if mode == "none":
+def build_expert_cache(spec) -> Optional[ExpertCache]:
+    """The cache of one encoder or decoder (``spec``: a validated HashLayerSpec),
+    or None when its experts stay resident."""
+    if spec.offload_experts == "none":
         return None
-    if getattr(args, "hash_count", 1) > 1:
-        raise HashConfigError("--hash-offload-experts does not support --hash-count > 1 "
-                              "(MultiHash); use --hash-offload-experts none")
-    return ExpertCache(getattr(args, "hash_expert_cache", "0"), prefetch=mode == "prefetch")
+    return ExpertCache(spec.expert_cache, prefetch=spec.offload_experts == "prefetch")
 
 
-def plan_prefetch(moe_layers, route):
-    """Announce one forward pass's experts: every offloaded hash layer's, in layer order.
+def plan_prefetch(moe_layers, inputs, plans: dict) -> dict:
+    """Every offloaded hash layer's experts for one forward pass, in its ``LayerPlan``
+    (``experts``), announced to the cache in the order the layers will use them.
 
-    ``moe_layers`` maps layer index -> MoELayer in the order they run; the
-    route is the one the layers will see, so the set is exact.
+    ``moe_layers`` maps layer index -> MoELayer in the order they run;
+    ``inputs`` are the route inputs the layers will see, so the set is exact.
+    Returns ``plans`` (layer index -> LayerPlan) with the experts filled in.
     """
+    from .route import LayerPlan
     from .routers import HashRouter
 
     keys, cache = [], None
-    for moe in moe_layers.values():
+    for idx, moe in moe_layers.items():
         experts = moe.experts
-        if (not isinstance(experts, OffloadedExperts) or not experts.cache.prefetch
-                or not isinstance(moe.router, HashRouter) or experts.key is None):
+        if (inputs is None or not isinstance(experts, OffloadedExperts)
+                or not experts.cache.prefetch or not isinstance(moe.router, HashRouter)
+                or experts.key is None):
             continue
         experts.prepare()
-        indices = moe.router(None, route).indices  # [S, k]
-        keys += [(experts.key, e) for e in torch.unique(indices).tolist()]
+        plan = plans[idx] = plans.get(idx) or LayerPlan()
+        plan.experts = torch.unique(moe.router(None, inputs).indices).tolist()  # [S, k] ->
+        keys += [(experts.key, e) for e in plan.experts]
         cache = experts.cache
     if cache is not None:
         cache.plan(keys)
+    return plans
 
 
 def map_expert_tensors(model_state: dict, path: str) -> int:
@@ -655,11 +683,11 @@ def map_expert_tensors(model_state: dict, path: str) -> int:
 def _give_overrides(state: dict, overrides: dict):
     """fairseq overwrites only the keys a checkpoint's saved config has; one saved
     before these flags existed lacks them: add them."""
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf, open_dict
 
     model_cfg = (state.get("cfg") or {}).get("model")
-    if model_cfg is None:
-        return  # argparse-era checkpoints: fairseq has set every override on args
+    if not OmegaConf.is_config(model_cfg):
+        return  # an argparse model's Namespace (or "args"): fairseq sets every override
     with open_dict(model_cfg):
         for name in OFFLOAD_FIELDS:
             if name in overrides and name not in model_cfg:

@@ -8,7 +8,8 @@ import torch
 from fairseq.data import Dictionary
 
 from hashfns_util import (BIN, hashfns_corpus, hashfns_data_dir, hashfns_user_dir)
-from fairseq_hash.cli.bench_offload import save_untrained_checkpoint
+from fairseq_hash.cli.bench.offload import save_untrained_checkpoint
+from fairseq_hash import expert_shards
 from fairseq_hash.errors import HashConfigError
 from fairseq_hash.hashing import build_hash_function
 from fairseq_hash.offload import (ExpertCache, ExpertSource, OffloadedExperts,
@@ -185,6 +186,38 @@ def test_experts_mapped_from_several_files_load_like_one(tmp_path):
     assert torch.equal(scores(lm, batch), scores(resident, batch))
 
 
+def test_a_sharded_checkpoint_serves_offloaded_as_its_one_file_checkpoint(tmp_path):
+    """Each expert stack split over two shard files and an index, as an expert-parallel
+    run writes them: the experts are read from the mapped shards."""
+    data = hashfns_data_dir(str(tmp_path / "data"))
+    one_file = save_checkpoint(str(tmp_path / "one"), data, "--hash-type", "bigram")
+    state = torch.load(one_file, map_location="cpu", weights_only=False)
+    keys = [k for k in state["model"] if ".experts." in k]
+    folder, tag, written = tmp_path / "sharded", "e1-u1-ab", []
+    folder.mkdir()
+    for shard in range(2):  # experts [0, 2) and [2, 4)
+        name = expert_shards.shard_name(tag, shard, 2)
+        rows = {k: [2 * shard, 2, 4] for k in keys}
+        torch.save(expert_shards.shard_contents(
+            tag, shard, 2, model={k: state["model"][k][2 * shard:2 * shard + 2].clone()
+                                  for k in keys}, rows=rows, optimizer={}), folder / name)
+        written.append({"shard": shard, "file": name, "bytes": os.path.getsize(folder / name),
+                        "rows": rows})
+    for k in keys:
+        del state["model"][k]
+    state[expert_shards.INDEX] = expert_shards.build_index(tag, written, {})
+    torch.save(state, folder / "checkpoint.pt")
+    resident = hub(one_file, data)
+    lm = hub(str(folder / "checkpoint.pt"), data, hash_offload_experts="prefetch",
+             hash_expert_cache="3")
+    assert cache_of(lm).sources["decoder.layers.0.fc1.experts"].files == sorted(
+        str(folder / w["file"]) for w in written)
+    d = resident.task.dictionary
+    batch = padded_batch(d, [9, 5, 7])
+    assert torch.equal(scores(lm, batch), scores(resident, batch))
+    assert beam5(lm, d) == beam5(resident, d)
+
+
 # --- through fairseq's tools -------------------------------------------------------------
 
 def run_tool(name, *args, stdin=None, check=True):
@@ -315,3 +348,15 @@ def test_generate_on_an_encoder_decoder_model_equals_resident(tmp_path):
                                     "{'hash_offload_experts': 'prefetch', "
                                     "'hash_expert_cache': '3'}"))
     assert len(resident) > 20 and offloaded == resident
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(offload_experts="always"), "--hash-offload-experts 'always' is unknown"),
+    (dict(offload_experts="prefetch", expert_cache="lots"), "--hash-expert-cache 'lots'"),
+    (dict(offload_experts="prefetch", num_hashes=2), "does not support --hash-count > 1"),
+])
+def test_offload_flags_that_cannot_be_served_are_one_line_errors(values, message):
+    from fairseq_hash.spec import HashLayerSpec
+
+    with pytest.raises(HashConfigError, match=message):
+        HashLayerSpec(**values).validate(ffn_dim=32)
