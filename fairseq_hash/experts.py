@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import grouped_mm
+from .expert_shards import is_rows, read_rows
 from .expert_threads import for_expert_groups
 from .grad_buffers import weight_grad_buffer
 
@@ -237,8 +238,9 @@ class ExpertFFN(nn.Module):
     local_experts)`` of ``total_experts``. Expert e's initial weights come from a generator of its
     own, seeded by ``seed`` and its global id alone, so a model starts the same
     on any number of ranks and leaves torch's global random state alone. A
-    state dict may hold all experts (a checkpoint written on any number of
-    ranks): loading keeps this rank's rows.
+    state dict may hold all experts (a one-file checkpoint) or refer to the
+    files of a sharded one (:mod:`fairseq_hash.expert_shards`): loading keeps,
+    or reads, this rank's rows only.
 
     Args:
         total_experts (int): K, the experts of the layer (all shards together)
@@ -266,6 +268,7 @@ class ExpertFFN(nn.Module):
         self.fc2_bias = nn.Parameter(torch.empty(L, embed_dim))
         self.activation_fn = activation_fn
         self.activation_dropout = activation_dropout or nn.Identity()
+        self.rows_source = {}  # parameter name -> the sharded checkpoint it was read from
         for p in self.parameters():
             # so fairseq's data-parallel wrappers know not to sync their gradients
             p.expert = True
@@ -290,12 +293,17 @@ class ExpertFFN(nn.Module):
                 bias[e].copy_(torch.empty(bias.shape[1:]).uniform_(-bound, bound, generator=gen))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # this rank's rows: read from a sharded checkpoint's files, or cut from
+        # the whole [K, ...] stacks of a one-file checkpoint
         held, first = self.fc1_weight.size(0), self.first_expert
-        if held != self.total_experts:  # a shard: keep this rank's rows
-            for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
-                value = state_dict.get(prefix + name)
-                if value is not None and value.size(0) == self.total_experts:
-                    state_dict[prefix + name] = value[first:first + held]
+        for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
+            value = state_dict.get(prefix + name)
+            if is_rows(value):
+                self.rows_source[name] = value  # where its optimizer state is, too
+                state_dict[prefix + name] = read_rows(value, first, held)
+            elif (value is not None and held != self.total_experts
+                  and value.size(0) == self.total_experts):
+                state_dict[prefix + name] = value[first:first + held]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()

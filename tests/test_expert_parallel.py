@@ -53,8 +53,16 @@ def losses(proc):
                                                                   "train_inner")]
 
 
+def whole_model(path):
+    """The model of a one-file or sharded checkpoint, every expert row in place."""
+    from fairseq_hash.distributed_checkpoints import expert_shards
+
+    state = expert_shards.resolve_shards(torch.load(path, mmap=True), path)
+    return expert_shards.consolidated(state)["model"]
+
+
 def assert_same_weights(a, b, rel=1e-5):
-    a, b = torch.load(a)["model"], torch.load(b)["model"]
+    a, b = whole_model(a), whole_model(b)
     assert a.keys() == b.keys()
     for key, value in a.items():
         assert value.shape == b[key].shape, key
@@ -91,8 +99,8 @@ def test_two_ranks_train_the_model_one_rank_trains_with_update_freq_2(one_rank, 
     (one, one_losses), (two, two_losses) = one_rank, two_ranks
     assert len(two_losses) >= 5
     assert two_losses == one_losses[:len(two_losses)]
-    # the file holds all 4 experts of each layer, gathered from both ranks
-    assert torch.load(os.path.join(two, "checkpoint_last.pt"))["model"][
+    # the checkpoint holds all 4 experts of each layer, 2 from each rank
+    assert whole_model(os.path.join(two, "checkpoint_last.pt"))[
         "decoder.layers.0.fc1.experts.fc1_weight"].size(0) == 4
     assert_same_weights(os.path.join(one, "checkpoint1.pt"),
                         os.path.join(two, "checkpoint_last.pt"))
@@ -211,5 +219,5 @@ def test_fairscale_dispatch_trains_and_saves_every_expert(data_bin, tmp_path):
     save = str(tmp_path / "fairscale")
     proc = train_on_two_ranks(data_bin, save, "--max-update", "3", "--moe-dispatch", "fairscale")
     assert len(losses(proc)) == 3
-    model = torch.load(os.path.join(save, "checkpoint_last.pt"))["model"]
+    model = whole_model(os.path.join(save, "checkpoint_last.pt"))
     assert model["decoder.layers.0.fc1.experts.fc1_weight"].size(0) == 4

@@ -11,6 +11,7 @@ TOOLS = {
     "fairseq-hash-table": "fairseq_hash.cli.hash_table",
     "fairseq-hash-report": "fairseq_hash.cli.report",
     "fairseq-hash-upcycle": "fairseq_hash.cli.upcycle",
+    "fairseq-hash-consolidate": "fairseq_hash.cli.consolidate",
     "fairseq-hash-prepare": "fairseq_hash.cli.data.prepare",
     "fairseq-hash-bench": "fairseq_hash.cli.bench.main",
     "fairseq-hash-compare": "fairseq_hash.cli.experiments.compare",

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import HashConfigError
 from ..expert_parallel import gather_counts, world_size
+from ..expert_shards import num_rows
 from ..hashing import RouteInputs, expected_load, token_counts
 from ..moe_factory import build_hash_moe
 from ..route import LayerPlan, Route
@@ -155,9 +156,9 @@ class HashLayers:
             key = f"{name}.layers.{idx}.fc1.experts.fc1_weight"
             # all K FFNs of the layer, whichever share of them this rank holds
             total = moe.experts.total_experts
-            if key in state_dict and state_dict[key].size(0) != total:
+            if key in state_dict and num_rows(state_dict[key]) != total:
                 raise HashConfigError(
-                    f"the checkpoint has {state_dict[key].size(0)} experts in {self.side} hash "
+                    f"the checkpoint has {num_rows(state_dict[key])} experts in {self.side} hash "
                     f"layer {idx} "
                     f"but --hash-experts is {total}; use the checkpoint's value"
                 )
