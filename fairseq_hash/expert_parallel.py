@@ -29,14 +29,20 @@ W, matching fairseq's averaging of shared gradients, which it multiplies back
 by W before dividing by the sample size.
 """
 import functools
+import logging
+import math
+import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from fairseq import checkpoint_utils
 from fairscale.nn.moe.moe_layer import _AllToAll
 
 from .errors import HashConfigError
+
+logger = logging.getLogger(__name__)
 
 # fairseq's --ddp-backend values that leave ``param.expert`` parameters to us:
 # legacy_ddp skips them; PyTorch's DDP is told to ignore them (see below)
@@ -57,16 +63,33 @@ class ExpertLayout:
         return self.rank % self.parallel_size
 
 
-def default_parallel_size(num_experts: int, world_size: int) -> int:
-    """P = W when W divides K (K/W experts a rank); P = K when K divides W."""
+def ranks_per_node(world_size: int) -> int:
+    """Ranks on this node: torchrun's LOCAL_WORLD_SIZE, else the GPUs fairseq's
+    spawn starts one process on each, else (processes started by hand on CPU)
+    the whole world."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local:
+        return min(int(local), world_size)
+    if torch.cuda.is_available():
+        return min(torch.cuda.device_count(), world_size)
+    return world_size
+
+
+def default_parallel_size(num_experts: int, world_size: int, node_size: int = 0) -> int:
+    """P = W when W divides K (K/W experts a rank), P = K when K divides W; then
+    cut to a divisor of the ranks of one node (``node_size``), so that the
+    all-to-alls stay inside a node (consecutive ranks share a node under
+    torchrun and fairseq's spawn)."""
     if num_experts % world_size == 0:
-        return world_size
-    if world_size % num_experts == 0:
-        return num_experts
-    raise HashConfigError(
-        f"--hash-experts {num_experts} and a world of {world_size} ranks: neither divides "
-        f"the other; set --moe-expert-parallel-size P to a P that divides both"
-    )
+        parallel_size = world_size
+    elif world_size % num_experts == 0:
+        parallel_size = num_experts
+    else:
+        raise HashConfigError(
+            f"--hash-experts {num_experts} and a world of {world_size} ranks: neither divides "
+            f"the other; set --moe-expert-parallel-size P to a P that divides both"
+        )
+    return math.gcd(parallel_size, node_size or world_size)
 
 
 def check_parallel_size(num_experts: int, world_size: int, parallel_size: int):
@@ -81,6 +104,9 @@ def check_parallel_size(num_experts: int, world_size: int, parallel_size: int):
 def _groups(world_size: int, parallel_size: int):
     """Every expert group and replica group, created in the same order on all ranks
     (``new_group`` is collective); cached so all hash layers share them."""
+    logger.info(f"expert parallelism: {world_size // parallel_size} expert group(s) of "
+                f"{parallel_size} consecutive rank(s) (--moe-expert-parallel-size "
+                f"{parallel_size}), each a replica of the others")
     expert_groups = [dist.new_group(list(range(g, g + parallel_size)))
                      for g in range(0, world_size, parallel_size)]
     replica_groups = [dist.new_group(list(range(j, world_size, parallel_size)))
@@ -101,7 +127,7 @@ def expert_layout(num_experts: int, parallel_size: int = 0) -> Optional[ExpertLa
     if parallel_size:
         check_parallel_size(num_experts, world, parallel_size)
     else:
-        parallel_size = default_parallel_size(num_experts, world)
+        parallel_size = default_parallel_size(num_experts, world, ranks_per_node(world))
     expert_groups, replica_groups = _groups(world, parallel_size)
     return ExpertLayout(
         world_size=world, rank=rank, parallel_size=parallel_size,
@@ -111,12 +137,124 @@ def expert_layout(num_experts: int, parallel_size: int = 0) -> Optional[ExpertLa
     )
 
 
+def _contiguous(obj):
+    """Every tensor in nested dicts and lists made contiguous, in place."""
+    if torch.is_tensor(obj):
+        return obj.contiguous()
+    if isinstance(obj, (dict, list)):
+        for key, value in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            obj[key] = _contiguous(value)
+    return obj
+
+
+def _forget_saved_layout(state, overrides):
+    """A checkpoint's --moe-expert-parallel-size is how the run that wrote it was
+    laid out, not part of the model: the reading run picks its own, unless it
+    names one in its overrides (``--model-overrides``, the hub's keywords)."""
+    if "moe_expert_parallel_size" in (overrides or {}):
+        return
+    cfg = state.get("cfg")
+    for model_cfg in (state.get("args"), cfg.get("model") if cfg is not None else None):
+        saved = getattr(model_cfg, "moe_expert_parallel_size", 0) if model_cfg is not None else 0
+        if saved:
+            setattr(model_cfg, "moe_expert_parallel_size", 0)
+            logger.info(f"the checkpoint was trained with --moe-expert-parallel-size {saved}; "
+                        f"this run lays its experts out for its own ranks (to choose: "
+                        f"--model-overrides \"{{'moe_expert_parallel_size': P}}\")")
+
+
+def install_checkpoint_reader():
+    """Wrap fairseq's checkpoint reader (once per process) for any number of ranks.
+
+    - Tensors come back contiguous. On several ranks fairseq's
+      ``Trainer.load_checkpoint`` reads the file on rank 0 and sends it to the
+      others with ``distributed_utils.broadcast_tensors``, which sends a
+      tensor's memory as it lies and has the receivers view it as a contiguous
+      tensor of the same shape: a sliced tensor (the ``argsort(...)[:, :k]``
+      table of a top-k random hash, saved so before routers stored their tables
+      contiguous) arrived scrambled on every rank but 0, which then computed
+      another model (``tests/test_ep_resume.py``).
+    - The saved expert-parallel size is forgotten (:func:`_forget_saved_layout`):
+      fairseq's tools rebuild a model from the checkpoint's flags, and a P of
+      the writing run may be impossible for the reading one.
+    """
+    if getattr(checkpoint_utils.load_checkpoint_to_cpu, "_fairseq_hash", False):
+        return
+    load = checkpoint_utils.load_checkpoint_to_cpu
+
+    @functools.wraps(load)
+    def load_checkpoint_to_cpu(path, arg_overrides=None, *args, **kwargs):
+        state = _contiguous(load(path, arg_overrides, *args, **kwargs))
+        _forget_saved_layout(state, arg_overrides)
+        return state
+
+    load_checkpoint_to_cpu._fairseq_hash = True
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+
+
 def check_ddp_backend(backend: Optional[str]):
     if backend is not None and backend not in EXPERT_SAFE_BACKENDS:
         raise HashConfigError(
             f"--ddp-backend {backend} cannot keep hash-layer experts correct on several "
             f"ranks; use --ddp-backend legacy_ddp (CPU or GPU) or pytorch_ddp (GPU)"
         )
+
+
+def check_collectives(layout: ExpertLayout, layerdrop: Dict[str, float], store_ema: bool = False,
+                      eval_bleu: bool = False):
+    """Refuse what would make ranks take different paths through a forward pass.
+
+    An expert layer's collectives (the exchange's all-to-alls with P > 1; the
+    replicas' gradient all-reduces in every backward) must run on every rank
+    in the same order.
+    """
+    for flag, rate in layerdrop.items():
+        if rate:
+            raise HashConfigError(
+                f"{flag} {rate}: LayerDrop skips layers at random on each rank, and the "
+                f"ranks' expert collectives would no longer pair up; use 0 with hash layers "
+                f"on several ranks")
+    if layout.parallel_size > 1 and store_ema:
+        raise HashConfigError(
+            "--store-ema copies the model, and with experts spread over ranks (P = "
+            f"{layout.parallel_size}) it holds process groups that cannot be copied; "
+            "drop --store-ema, or use --moe-expert-parallel-size 1")
+    if layout.parallel_size > 1 and eval_bleu:
+        raise HashConfigError(
+            "--eval-bleu decodes each rank's sentences for as many steps as they need, and "
+            f"with experts spread over ranks (P = {layout.parallel_size}) every step is an "
+            "all-to-all of all ranks; drop --eval-bleu (score with fairseq-generate on the "
+            "checkpoint), or use --moe-expert-parallel-size 1")
+
+
+def fail_on_out_of_memory():
+    """Make an out-of-memory error in a training step end the run (once per process).
+
+    fairseq's ``Trainer.train_step`` catches it, skips the micro-batch on that
+    rank alone and goes on, while the other ranks wait in that micro-batch's
+    expert collectives: a hang, or collectives paired with the wrong partner.
+    Called with ``raise_oom=True``, fairseq raises instead; we say why in one line.
+    """
+    from fairseq.trainer import Trainer
+
+    if getattr(Trainer.train_step, "_fairseq_hash", False):
+        return
+    train_step = Trainer.train_step
+
+    @functools.wraps(train_step)
+    def train_step_or_fail(self, samples, raise_oom=False):
+        try:
+            return train_step(self, samples, raise_oom=True)
+        except RuntimeError as e:
+            if "out of memory" not in str(e):
+                raise
+            raise HashConfigError(
+                f"rank {dist.get_rank()} ran out of device memory in a training step; with "
+                f"expert layers on several ranks fairseq cannot skip a batch on one rank "
+                f"alone: lower --max-tokens or --batch-size") from e
+
+    train_step_or_fail._fairseq_hash = True
+    Trainer.train_step = train_step_or_fail
 
 
 def sync_expert_gradients(params: List[torch.nn.Parameter], layout: ExpertLayout):

@@ -1,4 +1,5 @@
 """Shared helpers: a tiny corpus, fairseq's command-line tools in a subprocess."""
+import functools
 import json
 import os
 import random
@@ -28,6 +29,7 @@ def tool(name):
     return os.path.join(BIN, name)
 
 
+@functools.lru_cache(maxsize=None)
 def user_dir():
     out = subprocess.run([tool("fairseq-hash-user-dir")], capture_output=True, text=True, check=True)
     return out.stdout.strip()

@@ -20,8 +20,9 @@ from omegaconf import OmegaConf
 
 from ..errors import HashConfigError
 from ..experts import ExpertFFN
-from ..expert_parallel import (AllToAllExchange, check_ddp_backend, expert_layout,
-                               gather_counts, sync_expert_gradients)
+from ..expert_parallel import (AllToAllExchange, check_collectives, check_ddp_backend,
+                               expert_layout, fail_on_out_of_memory, gather_counts,
+                               sync_expert_gradients)
 from ..fairscale_dispatch import FairscaleExchange
 from ..hashing import (HASH_REGISTRY, RouteInputs, build_hash_function,
                        dictionary_fingerprint, expected_load, token_counts)
@@ -143,7 +144,8 @@ class HashRoutingConfig(FairseqDataclass):
             "help": "expert parallelism on several ranks: spread each hash layer's "
             "experts over groups of P ranks, K/P experts a rank, the W/P groups being "
             "data-parallel replicas (default 0: P = W when W divides K, else P = K when "
-            "K divides W; 1: every expert on every rank)"
+            "K divides W, cut to a divisor of the ranks of one node: torchrun's "
+            "LOCAL_WORLD_SIZE, else the node's GPUs; 1: every expert on every rank)"
         },
     )
     moe_dispatch: str = field(
@@ -318,13 +320,19 @@ def build_hash_router(args, dictionary, layer_idx: int, count: int, gate=None) -
     return router_cls(hash_fn, table, args.hash_experts, fingerprint, **extra)
 
 
+def run_setting(args, section: str, name: str, default=None):
+    """A flag of the whole run (``section.name`` in fairseq's config), wherever
+    this kind of model config keeps it."""
+    value = getattr(args, name, None)  # argparse-style models see every flag
+    if value is None and OmegaConf.is_config(args) and args._get_parent() is not None:
+        # a dataclass model's config is one node of fairseq's whole config
+        value = OmegaConf.select(args._get_parent(), f"{section}.{name}")
+    return default if value is None else value
+
+
 def ddp_backend_of(args):
     """fairseq's --ddp-backend, wherever this kind of model config keeps it."""
-    backend = getattr(args, "ddp_backend", None)  # argparse-style models see every flag
-    if backend is None and OmegaConf.is_config(args) and args._get_parent() is not None:
-        # a dataclass model's config is one node of fairseq's whole config
-        backend = OmegaConf.select(args._get_parent(), "distributed_training.ddp_backend")
-    return backend
+    return run_setting(args, "distributed_training", "ddp_backend")
 
 
 def build_exchange(args, layout, experts):
@@ -348,6 +356,11 @@ def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: in
     layout = expert_layout(args.hash_experts, getattr(args, "moe_expert_parallel_size", 0))
     if layout is not None:
         check_ddp_backend(ddp_backend_of(args))
+        check_collectives(layout, {f"--{side}-layerdrop": getattr(args, f"{side}_layerdrop", 0)
+                                   for side in ("encoder", "decoder")},
+                          store_ema=run_setting(args, "ema", "store_ema", False),
+                          eval_bleu=run_setting(args, "task", "eval_bleu", False))
+        fail_on_out_of_memory()
         if getattr(args, "router", "hash") == "base" and layout.parallel_size > 1:
             raise HashConfigError(
                 "--router base solves one assignment over one process's tokens; with "

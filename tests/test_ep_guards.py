@@ -1,0 +1,57 @@
+"""What would make expert-parallel ranks disagree is refused, or ends the run, never hangs."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import TINY_MODEL, TINY_TRAIN, user_dir
+from test_expert_parallel import BY_HAND, EXACT, env, free_port
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def layout(parallel_size):
+    from fairseq_hash.expert_parallel import ExpertLayout
+
+    return ExpertLayout(world_size=2, rank=0, parallel_size=parallel_size, group=None,
+                        replica_group=None)
+
+
+@pytest.mark.parametrize("settings, expected", [
+    (dict(layerdrop={"--encoder-layerdrop": 0.2}), "--encoder-layerdrop 0.2: LayerDrop skips"),
+    (dict(store_ema=True), "--store-ema copies the model"),
+    (dict(eval_bleu=True), "--eval-bleu decodes each rank's sentences"),
+])
+def test_paths_that_differ_between_ranks_are_refused_with_experts_spread(settings, expected):
+    from fairseq_hash.errors import HashConfigError
+    from fairseq_hash.expert_parallel import check_collectives
+
+    with pytest.raises(HashConfigError, match=expected):
+        check_collectives(layout(2), **{"layerdrop": {}, **settings})
+
+
+def test_every_expert_on_every_rank_keeps_ema_and_bleu_but_not_layerdrop():
+    from fairseq_hash.errors import HashConfigError
+    from fairseq_hash.expert_parallel import check_collectives
+
+    check_collectives(layout(1), {"--decoder-layerdrop": 0}, store_ema=True, eval_bleu=True)
+    # replicas all-reduce their experts' gradients in every backward
+    with pytest.raises(HashConfigError, match="--decoder-layerdrop 0.1"):
+        check_collectives(layout(1), {"--decoder-layerdrop": 0.1})
+
+
+def test_out_of_memory_on_one_rank_ends_every_rank_with_one_line(data_bin, tmp_path):
+    args = [sys.executable, os.path.join(HERE, "ep_oom_worker.py"), data_bin, "--user-dir",
+            user_dir(), *TINY_MODEL, *TINY_TRAIN, *EXACT, "--save-dir", str(tmp_path / "oom"),
+            *BY_HAND, "--distributed-world-size", "2", "--max-update", "4",
+            "--distributed-init-method", f"tcp://127.0.0.1:{free_port()}"]
+    ranks = [subprocess.Popen(args + ["--distributed-rank", str(rank)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env()) for rank in (0, 1)]
+    # fairseq's recovery would leave rank 0 waiting in the exchange: a timeout here
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    assert [rank.returncode != 0 for rank in ranks] == [True, True]
+    err = outputs[1][1].replace("[rank1]: ", "")
+    assert ("fairseq-hash: error: rank 1 ran out of device memory in a training step" in err), \
+        err[-3000:]
+    assert "attempting to recover from OOM" not in outputs[1][0] + err
