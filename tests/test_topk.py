@@ -351,7 +351,7 @@ def build_function_table(d):
 
 
 def test_the_compare_models_hash_top2_and_hash_shared_build_as_named(tmp_path):
-    from fairseq_hash.cli.compare import MODELS
+    from fairseq_hash.cli.experiments.compare import MODELS
 
     data = hashfns_data_dir(str(tmp_path))
     top2, _ = hashfns_model(data, *MODELS["hash-top2"])

@@ -17,11 +17,13 @@ import argparse
 import json
 import math
 import os
+import sys
 import warnings
 
 import torch
 
-from ..errors import HashConfigError, install_excepthook
+from ..errors import HashConfigError
+from .command import command
 
 
 def load_model(checkpoint, data, hash_file=None):
@@ -211,6 +213,7 @@ def summary_lines(result):
     return lines
 
 
+@command("fairseq-hash-report")
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fairseq-hash-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a hash_transformer_lm checkpoint (.pt)")
@@ -229,15 +232,11 @@ def main(argv=None):
                         "of the one it was trained with (not needed: the checkpoint's own "
                         "table is used either way)")
     args = parser.parse_args(argv)
-    install_excepthook()
-    try:
-        result = report(args.checkpoint, args.data, args.output_dir, args.subset, args.compare,
-                        args.top, args.max_tokens, args.max_batches, args.hash_file)
-    except HashConfigError as e:
-        parser.exit(2, f"fairseq-hash-report: error: {e}\n")
+    result = report(args.checkpoint, args.data, args.output_dir, args.subset, args.compare,
+                    args.top, args.max_tokens, args.max_batches, args.hash_file)
     print("\n".join(summary_lines(result)))
     print(os.path.join(args.output_dir, "routing.json"))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
