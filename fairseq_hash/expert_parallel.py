@@ -9,7 +9,10 @@ of P consecutive ranks. Rank ``j`` of a group holds the experts
 ``[j*K/P, (j+1)*K/P)``; the W/P groups are data-parallel replicas of each
 other, and the ranks holding the same shard (one in each group) form its
 *replica group*. Global expert ``e`` lives on rank ``e // (K/P)`` of every
-expert group, in slot ``e % (K/P)``.
+expert group, in slot ``e % (K/P)``. By default P stays within the ranks of
+one node (:func:`default_parallel_size`); P is how a run is laid out, not part
+of the model, so a checkpoint loads under any layout
+(:func:`install_checkpoint_reader`).
 
 Tokens travel to their expert's rank and back through fairscale's MoE
 all-to-all (``fairscale.nn.moe.moe_layer._AllToAll``), which splits its input
@@ -19,6 +22,11 @@ per-expert counts. Nothing is dropped and no one-hot ``[S, K, C]`` mask is
 built: rows are placed by index. Hash layers know their counts from the token
 ids before the layer runs, so the decoder gathers every hash layer's counts in
 one collective per forward pass (:func:`gather_counts` on stacked counts).
+
+Every rank must run these collectives in the same order: what would make
+ranks take different paths (LayerDrop, ``--store-ema``, ``--eval-bleu``,
+fairseq's recovery from out-of-memory errors) is refused or made to fail
+(:func:`check_collectives`, :func:`fail_on_out_of_memory`).
 
 Gradients: an expert's gradient sums the contributions of every token routed
 to it anywhere in the global batch. Within a group the all-to-all's backward
@@ -106,7 +114,7 @@ def _groups(world_size: int, parallel_size: int):
     (``new_group`` is collective); cached so all hash layers share them."""
     logger.info(f"expert parallelism: {world_size // parallel_size} expert group(s) of "
                 f"{parallel_size} consecutive rank(s) (--moe-expert-parallel-size "
-                f"{parallel_size}), each a replica of the others")
+                f"{parallel_size})")
     expert_groups = [dist.new_group(list(range(g, g + parallel_size)))
                      for g in range(0, world_size, parallel_size)]
     replica_groups = [dist.new_group(list(range(j, world_size, parallel_size)))
