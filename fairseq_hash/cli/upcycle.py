@@ -101,6 +101,10 @@ def read_checkpoint(path):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
         raise HashConfigError(f"{path}: not a readable checkpoint ({reason}); is the file "
                               "complete? give a checkpoint written by fairseq-train") from None
+    except (KeyError, AttributeError, TypeError) as e:
+        # fairseq's loader upgrades old layouts and looks up their keys without a check
+        raise HashConfigError(f"{path}: not a fairseq checkpoint ({type(e).__name__}: {e} in "
+                              "fairseq's loader); give a checkpoint written by fairseq-train") from None
     if not isinstance(state, dict) or state.get("cfg") is None or "model" not in state:
         raise HashConfigError(f"{path}: not a fairseq checkpoint (no cfg and model in it); give "
                               "a checkpoint written by fairseq-train")
