@@ -236,33 +236,40 @@ def check_collectives(layout: ExpertLayout, layerdrop: Dict[str, float], store_e
 
 
 def fail_on_out_of_memory():
-    """Make an out-of-memory error in a training step end the run (once per process).
+    """Make an out-of-memory error in a training or validation step end the run
+    (once per process).
 
     fairseq's ``Trainer.train_step`` catches it, skips the micro-batch on that
-    rank alone and goes on, while the other ranks wait in that micro-batch's
-    expert collectives: a hang, or collectives paired with the wrong partner.
-    Called with ``raise_oom=True``, fairseq raises instead; we say why in one line.
+    rank alone and goes on, and ``valid_step`` retries the batch on that rank
+    alone, while the other ranks are in other collectives: a hang, or
+    collectives paired with the wrong partner. Called with ``raise_oom=True``,
+    both raise instead; we say why in one line.
     """
     from fairseq.trainer import Trainer
 
-    if getattr(Trainer.train_step, "_fairseq_hash", False):
-        return
-    train_step = Trainer.train_step
+    for name in ("train_step", "valid_step"):
+        step = getattr(Trainer, name)
+        if not getattr(step, "_fairseq_hash", False):
+            setattr(Trainer, name, _raising_out_of_memory(step, name))
 
-    @functools.wraps(train_step)
-    def train_step_or_fail(self, samples, raise_oom=False):
+
+def _raising_out_of_memory(step, name):
+    @functools.wraps(step)
+    def step_or_fail(self, sample, raise_oom=False):
         try:
-            return train_step(self, samples, raise_oom=True)
+            return step(self, sample, raise_oom=True)
         except RuntimeError as e:
             if "out of memory" not in str(e):
                 raise
+            what = "a training" if name == "train_step" else "a validation"
+            rank = dist.get_rank() if dist.is_initialized() else 0
             raise HashConfigError(
-                f"rank {dist.get_rank()} ran out of device memory in a training step; with "
-                f"expert layers on several ranks fairseq cannot skip a batch on one rank "
-                f"alone: lower --max-tokens or --batch-size") from e
+                f"rank {rank} ran out of device memory in {what} step; with "
+                f"expert layers on several ranks fairseq cannot skip or retry a batch on one "
+                f"rank alone: lower --max-tokens or --batch-size") from e
 
-    train_step_or_fail._fairseq_hash = True
-    Trainer.train_step = train_step_or_fail
+    step_or_fail._fairseq_hash = True
+    return step_or_fail
 
 
 def sync_expert_gradients(params: List[torch.nn.Parameter], layout: ExpertLayout):

@@ -6,14 +6,15 @@ import sys
 import pytest
 
 from conftest import TINY_MODEL, TINY_TRAIN, user_dir
+from fairseq_hash.errors import HashConfigError
+from fairseq_hash.expert_parallel import (ExpertLayout, _raising_out_of_memory,
+                                          check_collectives)
 from test_expert_parallel import BY_HAND, EXACT, env, free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def layout(parallel_size):
-    from fairseq_hash.expert_parallel import ExpertLayout
-
     return ExpertLayout(world_size=2, rank=0, parallel_size=parallel_size, group=None,
                         replica_group=None)
 
@@ -24,21 +25,29 @@ def layout(parallel_size):
     (dict(eval_bleu=True), "--eval-bleu decodes each rank's sentences"),
 ])
 def test_paths_that_differ_between_ranks_are_refused_with_experts_spread(settings, expected):
-    from fairseq_hash.errors import HashConfigError
-    from fairseq_hash.expert_parallel import check_collectives
-
     with pytest.raises(HashConfigError, match=expected):
         check_collectives(layout(2), **{"layerdrop": {}, **settings})
 
 
 def test_every_expert_on_every_rank_keeps_ema_and_bleu_but_not_layerdrop():
-    from fairseq_hash.errors import HashConfigError
-    from fairseq_hash.expert_parallel import check_collectives
-
     check_collectives(layout(1), {"--decoder-layerdrop": 0}, store_ema=True, eval_bleu=True)
     # replicas all-reduce their experts' gradients in every backward
     with pytest.raises(HashConfigError, match="--decoder-layerdrop 0.1"):
         check_collectives(layout(1), {"--decoder-layerdrop": 0.1})
+
+
+def test_fairseqs_step_raises_out_of_memory_instead_of_retrying_the_batch_on_one_rank():
+    asked = []
+
+    def valid_step(trainer, sample, raise_oom=False):
+        asked.append(raise_oom)  # fairseq retries the batch once unless this is True
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    step = _raising_out_of_memory(valid_step, "valid_step")
+    with pytest.raises(HashConfigError, match="rank 0 ran out of device memory in a "
+                                              "validation step"):
+        step(None, {})
+    assert asked == [True]
 
 
 def test_out_of_memory_on_one_rank_ends_every_rank_with_one_line(data_bin, tmp_path):

@@ -9,7 +9,10 @@ import shutil
 
 import pytest
 import torch
+from fairseq.data import Dictionary
 
+from fairseq_hash.hashing import build_hash_function
+from fairseq_hash.routers import HashRouter
 from test_expert_parallel import losses, train_on_one_rank, train_on_two_ranks
 
 ROUTERS = {
@@ -85,11 +88,6 @@ def test_top2_resumed_with_experts_spread_continues_as_with_every_expert_on_ever
 
 
 def test_hash_tables_are_stored_contiguous():
-    from fairseq.data import Dictionary
-
-    from fairseq_hash.hashing import build_hash_function
-    from fairseq_hash.routers import HashRouter
-
     dictionary = Dictionary()
     for i in range(20):
         dictionary.add_symbol(f"w{i}")
