@@ -1,6 +1,6 @@
 """Expert parallelism: a hash layer's K experts spread over the ranks of a group.
 
-    layout = expert_layout(num_experts=16, parallel_size=None)   # None on one process
+    layout = expert_layout(parallel_size=2)      # on each of W ranks, W divisible by 2
     exchange = AllToAllExchange(layout)
     y = exchange(x, indices, weights, experts)   # experts hold this rank's K/P experts
 
@@ -10,9 +10,9 @@ of P consecutive ranks. Rank ``j`` of a group holds the experts
 other, and the ranks holding the same shard (one in each group) form its
 *replica group*. Global expert ``e`` lives on rank ``e // (K/P)`` of every
 expert group, in slot ``e % (K/P)``. By default P stays within the ranks of
-one node (:func:`default_parallel_size`); P is how a run is laid out, not part
-of the model, so a checkpoint loads under any layout
-(:func:`install_checkpoint_reader`).
+one node (:func:`ranks_per_node`, ``HashLayerSpec.parallel_size_for``); P is
+how a run is laid out, not part of the model, so a checkpoint loads under any
+layout (:func:`install_checkpoint_reader`).
 
 Tokens travel to their expert's rank and back through fairscale's MoE
 all-to-all (``fairscale.nn.moe.moe_layer._AllToAll``), which splits its input
@@ -26,7 +26,7 @@ one collective per forward pass (:func:`gather_counts` on stacked counts).
 Every rank must run these collectives in the same order: what would make
 ranks take different paths (LayerDrop, ``--store-ema``, ``--eval-bleu``,
 fairseq's recovery from out-of-memory errors) is refused or made to fail
-(:func:`check_collectives`, :func:`fail_on_out_of_memory`).
+(``HashLayerSpec.validate``, :func:`fail_on_out_of_memory`).
 
 Gradients: an expert's gradient sums the contributions of every token routed
 to it anywhere in the global batch. Within a group the all-to-all's backward
@@ -38,10 +38,9 @@ by W before dividing by the sample size.
 """
 import functools
 import logging
-import math
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -49,6 +48,7 @@ from fairseq import checkpoint_utils
 from fairscale.nn.moe.moe_layer import _AllToAll
 
 from .errors import HashConfigError
+from .route import LayerPlan
 
 logger = logging.getLogger(__name__)
 
@@ -83,31 +83,6 @@ def ranks_per_node(world_size: int) -> int:
     return world_size
 
 
-def default_parallel_size(num_experts: int, world_size: int, node_size: int = 0) -> int:
-    """P = W when W divides K (K/W experts a rank), P = K when K divides W; then
-    cut to a divisor of the ranks of one node (``node_size``), so that the
-    all-to-alls stay inside a node (consecutive ranks share a node under
-    torchrun and fairseq's spawn)."""
-    if num_experts % world_size == 0:
-        parallel_size = world_size
-    elif world_size % num_experts == 0:
-        parallel_size = num_experts
-    else:
-        raise HashConfigError(
-            f"--hash-experts {num_experts} and a world of {world_size} ranks: neither divides "
-            f"the other; set --moe-expert-parallel-size P to a P that divides both"
-        )
-    return math.gcd(parallel_size, node_size or world_size)
-
-
-def check_parallel_size(num_experts: int, world_size: int, parallel_size: int):
-    if parallel_size < 1 or num_experts % parallel_size or world_size % parallel_size:
-        raise HashConfigError(
-            f"--moe-expert-parallel-size {parallel_size} must divide both --hash-experts "
-            f"{num_experts} and the world size {world_size}"
-        )
-
-
 @functools.lru_cache(maxsize=None)
 def _groups(world_size: int, parallel_size: int):
     """Every expert group and replica group, created in the same order on all ranks
@@ -122,20 +97,15 @@ def _groups(world_size: int, parallel_size: int):
     return expert_groups, replica_groups
 
 
-def expert_layout(num_experts: int, parallel_size: int = 0) -> Optional[ExpertLayout]:
-    """The layout for this process, or None on one process (nothing to spread)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        if parallel_size and parallel_size > 1:
-            raise HashConfigError(
-                f"--moe-expert-parallel-size {parallel_size} needs {parallel_size} or more "
-                f"ranks; this is one process"
-            )
-        return None
+def world_size() -> int:
+    """Ranks of the data-parallel world (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def expert_layout(parallel_size: int) -> ExpertLayout:
+    """This rank's layout with experts spread over groups of ``parallel_size`` ranks
+    (``HashLayerSpec.parallel_size_for`` chooses and checks it)."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    if parallel_size:
-        check_parallel_size(num_experts, world, parallel_size)
-    else:
-        parallel_size = default_parallel_size(num_experts, world, ranks_per_node(world))
     expert_groups, replica_groups = _groups(world, parallel_size)
     return ExpertLayout(
         world_size=world, rank=rank, parallel_size=parallel_size,
@@ -198,41 +168,6 @@ def install_checkpoint_reader():
 
     load_checkpoint_to_cpu._fairseq_hash = True
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
-
-
-def check_ddp_backend(backend: Optional[str]):
-    if backend is not None and backend not in EXPERT_SAFE_BACKENDS:
-        raise HashConfigError(
-            f"--ddp-backend {backend} cannot keep hash-layer experts correct on several "
-            f"ranks; use --ddp-backend legacy_ddp (CPU or GPU) or pytorch_ddp (GPU)"
-        )
-
-
-def check_collectives(layout: ExpertLayout, layerdrop: Dict[str, float], store_ema: bool = False,
-                      eval_bleu: bool = False):
-    """Refuse what would make ranks take different paths through a forward pass.
-
-    An expert layer's collectives (the exchange's all-to-alls with P > 1; the
-    replicas' gradient all-reduces in every backward) must run on every rank
-    in the same order.
-    """
-    for flag, rate in layerdrop.items():
-        if rate:
-            raise HashConfigError(
-                f"{flag} {rate}: LayerDrop skips layers at random on each rank, and the "
-                f"ranks' expert collectives would no longer pair up; use 0 with hash layers "
-                f"on several ranks")
-    if layout.parallel_size > 1 and store_ema:
-        raise HashConfigError(
-            "--store-ema copies the model, and with experts spread over ranks (P = "
-            f"{layout.parallel_size}) it holds process groups that cannot be copied; "
-            "drop --store-ema, or use --moe-expert-parallel-size 1")
-    if layout.parallel_size > 1 and eval_bleu:
-        raise HashConfigError(
-            "--eval-bleu decodes each rank's sentences for as many steps as they need, and "
-            f"with experts spread over ranks (P = {layout.parallel_size}) every step is an "
-            "all-to-all of all ranks; drop --eval-bleu (score with fairseq-generate on the "
-            "checkpoint), or use --moe-expert-parallel-size 1")
 
 
 def fail_on_out_of_memory():
@@ -313,17 +248,18 @@ class AllToAllExchange:
     def __init__(self, layout: ExpertLayout):
         self.layout = layout
 
-    def __call__(self, x, indices, weights, experts, all_counts=None):
+    def __call__(self, x, indices, weights, experts, plan: Optional[LayerPlan] = None):
         # x: [S, d]; indices: [S, k] global ids in [0, E), E = P * local experts;
         # a dropped slot carries id E and goes nowhere
-        P, me, L = self.layout.parallel_size, self.layout.shard, experts.num_experts
+        P, me, L = self.layout.parallel_size, self.layout.shard, experts.bins
         E = P * L
         S, k = indices.shape
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)  # sorted by expert, so by rank
         counts = torch.bincount(flat, minlength=E + 1)[:E]
+        all_counts = plan.counts if plan is not None else None  # planned by the model
         if all_counts is None:
-            all_counts = gather_counts(counts, self.layout)  # [P, E]
+            all_counts = gather_counts(counts, self.layout)  # [P, E] of every rank
         pair = all_counts.view(P, P, L).sum(-1)  # [src, dst] rows
         capacity = int(pair.max())
         send = pair[me]  # [P] rows this rank sends each rank

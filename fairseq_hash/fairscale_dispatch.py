@@ -24,16 +24,16 @@ class DecidedGate(nn.Module):
     """fairscale's gate contract, ``x -> (l_aux, combine [S,E,C], dispatch [S,E,C])``,
     for routing decided beforehand (``decide`` is called before each forward)."""
 
-    def __init__(self, num_experts: int, group):
+    def __init__(self, total_bins: int, group):
         super().__init__()
-        self.num_experts, self.group = num_experts, group
+        self.total_bins, self.group = total_bins, group
         self.indices = self.weights = None
 
     def decide(self, indices, weights):
         self.indices, self.weights = indices, weights  # [S', k]
 
     def forward(self, x):
-        indices, (S, k), E = self.indices, self.indices.shape, self.num_experts
+        indices, (S, k), E = self.indices, self.indices.shape, self.total_bins
         flat = indices.reshape(-1)  # [S*k]; dropped slots carry E
         counts = torch.bincount(flat, minlength=E + 1)[:E]
         capacity = counts.max().clone()
@@ -67,7 +67,7 @@ class LocalExpert(nn.Module):
 
     def forward(self, chunk):
         rows = chunk.reshape(-1, chunk.size(-1))
-        counts = [0] * self.ffn.num_experts
+        counts = [0] * self.ffn.bins
         counts[self.slot] = rows.size(0)
         return self.ffn(rows, counts).view(chunk.shape)
 
@@ -75,21 +75,21 @@ class LocalExpert(nn.Module):
 class FairscaleExchange:
     def __init__(self, layout, experts):
         self.layout = layout  # read by the MoE layer, the decoder's plan and checkpoints
-        E = layout.parallel_size * experts.num_experts
+        E = layout.parallel_size * experts.bins
         self.gate = DecidedGate(E, layout.group)
         self.moe = MOELayer(self.gate, nn.ModuleList(
-            [LocalExpert(experts, slot) for slot in range(experts.num_experts)]), layout.group)
+            [LocalExpert(experts, slot) for slot in range(experts.bins)]), layout.group)
 
-    def __call__(self, x, indices, weights, experts, all_counts=None):
-        S, L = x.size(0), experts.num_experts
+    def __call__(self, x, indices, weights, experts, plan=None):
+        S, L = x.size(0), experts.bins
         pad = (-S) % L  # MOELayer asks for a multiple of the local experts
         if pad:  # padding rows are dispatched nowhere
             x = torch.cat([x, x.new_zeros(pad, x.size(1))])
             indices = torch.cat([indices, indices.new_full((pad, indices.size(1)),
-                                                           self.gate.num_experts)])
+                                                           self.gate.total_bins)])
             if weights is not None:
                 weights = torch.cat([weights, weights.new_zeros(pad, weights.size(1))])
         self.gate.decide(indices, weights)
         y = self.moe(x.unsqueeze(1)).squeeze(1)  # [S', 1, d]: MOELayer wants 3 dims
-        dropped = int((indices[:S] >= self.gate.num_experts).sum())
+        dropped = int((indices[:S] >= self.gate.total_bins).sum())
         return y[:S], dropped

@@ -1,7 +1,11 @@
 """Dispatch: sort tokens by expert, run each expert on its slice, unsort.
 
     moe = MoELayer(router, ExpertFFN(K, d, f))
-    y = moe(x, route_inputs)   # x: [..., d] -> y: [..., d]
+    y = moe(x, RouteInputs.from_tokens(tokens, pad, eos))   # x: [..., d] -> y: [..., d]
+
+Inside a model, fairseq's layer calls ``moe(x)`` and the token context comes
+from ``moe.route`` (a :class:`~fairseq_hash.route.Route`), which the model
+sets around each forward pass.
 
 Dropless and index-based: one stable sort of the S*k (token, slot) pairs by
 expert id, one gather into expert order, one grouped FFN over contiguous
@@ -14,11 +18,14 @@ combine are a permutation and its inverse, and so are their gradients: both
 directions are row gathers (``index_select``), where autograd's own backward
 of a gather would scatter-add into a zeroed ``[S, d]`` tensor.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
 from .experts import ExpertFFN
 from .hashing import RouteInputs
+from .route import Route
 
 
 class Permute(torch.autograd.Function):
@@ -41,6 +48,8 @@ class MoELayer(nn.Module):
     Args:
         router (nn.Module): maps ``([S, d], RouteInputs)`` to a RouterOutput
         experts (ExpertFFN): the K expert FFNs
+        exchange: sends tokens to the ranks of their experts and back
+            (expert_parallel.AllToAllExchange); None on one process
     """
 
     def __init__(self, router: nn.Module, experts: ExpertFFN, exchange=None):
@@ -51,28 +60,29 @@ class MoELayer(nn.Module):
         # (expert_parallel.AllToAllExchange); None on one process
         self.exchange = exchange
         self.parallel_size = getattr(getattr(exchange, "layout", None), "parallel_size", 1)
-        self.route_inputs = None  # set by the model around each forward
-        self.planned_counts = None  # [P, E] of every rank, where the model gathered them
+        self.route: Optional[Route] = None  # of the running forward pass, set by the model
         self.aux_loss = None  # of the last forward, read by the criterion
         self.last_indices = None  # of the last forward, read by routing reports
         self.num_dropped = 0
 
     @property
-    def num_experts(self) -> int:
-        """Experts the router chooses among (all ranks' together)."""
-        return self.experts.num_experts * self.parallel_size
+    def total_bins(self) -> int:
+        """Expert ids the router's indices range over, all ranks' together (K, or K*N
+        narrow experts under MultiHash); a dropped slot is sent to id ``total_bins``."""
+        return self.experts.bins * self.parallel_size
 
-    def forward(self, x: torch.Tensor, route: RouteInputs = None) -> torch.Tensor:
-        route = route if route is not None else self.route_inputs
+    def forward(self, x: torch.Tensor, inputs: Optional[RouteInputs] = None) -> torch.Tensor:
+        """``inputs``, where given, route this call; else ``self.route`` does."""
+        route = Route(inputs) if inputs is not None else self.route or Route(None)
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [S, d]
-        out = self.router(x, route)
+        out = self.router(x, route.inputs)
         indices = out.indices  # [S, k]
         if out.dropped is not None:
             # a dropped slot is computed nowhere: route it past the last expert
-            indices = indices.masked_fill(out.dropped, self.num_experts)
+            indices = indices.masked_fill(out.dropped, self.total_bins)
         if self.exchange is not None:
-            y, dropped = self.exchange(x, indices, out.weights, self.experts, self.planned_counts)
+            y, dropped = self.exchange(x, indices, out.weights, self.experts, route.plan)
         else:
             y, dropped = self.dispatch(x, indices, out.weights)
         self.aux_loss = out.aux_loss
@@ -85,8 +95,8 @@ class MoELayer(nn.Module):
         S, k = indices.shape
         flat = indices.reshape(-1)  # [S*k]
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs in expert order
-        counts = torch.bincount(flat, minlength=self.experts.num_experts + 1)
-        counts = counts[: self.experts.num_experts].tolist()
+        counts = torch.bincount(flat, minlength=self.experts.bins + 1)
+        counts = counts[: self.experts.bins].tolist()
         kept = sum(counts)
         if k == 1 and kept == S:
             inverse = torch.empty_like(order)

@@ -172,15 +172,15 @@ def single_process_reference(router, ranks):
     """The same layer on one process, over both ranks' tokens."""
     from fairseq.data import Dictionary
 
-    from ep_worker import layer_args
+    from ep_worker import layer_spec
     from fairseq_hash.hashing import RouteInputs
-    from fairseq_hash.models.hash_decoder import build_hash_moe
+    from fairseq_hash.moe_factory import build_hash_moe
 
     dictionary = Dictionary()
     for i in range(30):
         dictionary.add_symbol(f"w{i}")
     torch.manual_seed(0)
-    moe = build_hash_moe(layer_args(router, "alltoall", 0), dictionary, 0, 8, 16)
+    moe = build_hash_moe(layer_spec(router, "alltoall", 0), dictionary, 0, 8, 16)
     moe.load_state_dict({f"router.{k}": v for k, v in ranks[0]["router"].items()}, strict=False)
     moe.eval()
     x = torch.cat([r["x"] for r in ranks]).requires_grad_()

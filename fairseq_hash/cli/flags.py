@@ -24,8 +24,8 @@ def main(argv=None):
     from fairseq.dataclass.utils import gen_parser_from_dataclass
     from fairseq.models import ARCH_MODEL_NAME_REGISTRY
 
-    from fairseq_hash.models.hash_layers import (EncoderDecoderHashConfig, EncoderHashConfig,
-                                                 HashLayerConfig)
+    from fairseq_hash.models.config import (EncoderDecoderHashConfig, EncoderHashConfig,
+                                            HashLayerConfig)
     from fairseq_hash.optim.fused_adamw import FusedAdamWConfig
 
     configs = {"hash_transformer_lm": HashLayerConfig, "hash_transformer": EncoderDecoderHashConfig,

@@ -58,7 +58,7 @@ def batches(task, subset, max_tokens):
 
 def layer_experts(moe):
     """Expert of every (position, slot) of the last forward: ``[T*B, k]`` in [0, K)."""
-    segments = getattr(moe.experts, "num_segments", 1)  # MultiHash: narrow id = e * N + m
+    segments = getattr(moe.experts, "num_hashes", 1)  # MultiHash: narrow id = e * N + m
     return moe.last_indices // segments
 
 
@@ -125,7 +125,7 @@ def top_tokens(tokens, experts, num_experts, dictionary, top):
 
 
 def layer_report(moe, tokens, experts, dictionary, top):
-    num = getattr(moe.experts, "num_ffns", moe.experts.num_experts)
+    num = moe.experts.total_experts
     router = moe.router
     entry = {
         "router": type(router).__name__,

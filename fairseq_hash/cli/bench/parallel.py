@@ -60,7 +60,7 @@ def layer_worker(rank, world, port, experts, tokens, dispatch, repeat, out):
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world)
-        layout = expert_layout(experts)
+        layout = expert_layout(world)  # P = W: W divides K here
         ffn = ExpertFFN(experts, d, f, shard=layout.shard, num_shards=layout.parallel_size)
         exchange = (FairscaleExchange(layout, ffn) if dispatch == "fairscale"
                     else AllToAllExchange(layout))
