@@ -12,7 +12,7 @@ other, and the ranks holding the same shard (one in each group) form its
 expert group, in slot ``e % (K/P)``. By default P stays within the ranks of
 one node (:func:`ranks_per_node`, ``HashLayerSpec.parallel_size_for``); P is
 how a run is laid out, not part of the model, so a checkpoint loads under any
-layout (:func:`install_checkpoint_reader`).
+layout (``distributed_checkpoints.install_checkpoint_loading``).
 
 Tokens travel to their expert's rank and back through fairscale's MoE
 all-to-all (``fairscale.nn.moe.moe_layer._AllToAll``), which splits its input
@@ -44,7 +44,6 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
-from fairseq import checkpoint_utils
 from fairscale.nn.moe.moe_layer import _AllToAll
 
 from .errors import HashConfigError
@@ -113,61 +112,6 @@ def expert_layout(parallel_size: int) -> ExpertLayout:
         replica_group=(replica_groups[rank % parallel_size]
                        if world > parallel_size else None),
     )
-
-
-def _contiguous(obj):
-    """Every tensor in nested dicts and lists made contiguous, in place."""
-    if torch.is_tensor(obj):
-        return obj.contiguous()
-    if isinstance(obj, (dict, list)):
-        for key, value in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
-            obj[key] = _contiguous(value)
-    return obj
-
-
-def _forget_saved_layout(state, overrides):
-    """A checkpoint's --moe-expert-parallel-size is how the run that wrote it was
-    laid out, not part of the model: the reading run picks its own, unless it
-    names one in its overrides (``--model-overrides``, the hub's keywords)."""
-    if "moe_expert_parallel_size" in (overrides or {}):
-        return
-    cfg = state.get("cfg")
-    for model_cfg in (state.get("args"), cfg.get("model") if cfg is not None else None):
-        saved = getattr(model_cfg, "moe_expert_parallel_size", 0) if model_cfg is not None else 0
-        if saved:
-            setattr(model_cfg, "moe_expert_parallel_size", 0)
-            logger.info(f"the checkpoint was trained with --moe-expert-parallel-size {saved}; "
-                        f"this run lays its experts out for its own ranks (to choose: "
-                        f"--model-overrides \"{{'moe_expert_parallel_size': P}}\")")
-
-
-def install_checkpoint_reader():
-    """Wrap fairseq's checkpoint reader (once per process) for any number of ranks.
-
-    - Tensors come back contiguous. On several ranks fairseq's
-      ``Trainer.load_checkpoint`` reads the file on rank 0 and sends it to the
-      others with ``distributed_utils.broadcast_tensors``, which sends a
-      tensor's memory as it lies and has the receivers view it as a contiguous
-      tensor of the same shape: a sliced tensor (the ``argsort(...)[:, :k]``
-      table of a top-k random hash, saved so before routers stored their tables
-      contiguous) arrived scrambled on every rank but 0, which then computed
-      another model (``tests/test_ep_resume.py``).
-    - The saved expert-parallel size is forgotten (:func:`_forget_saved_layout`):
-      fairseq's tools rebuild a model from the checkpoint's flags, and a P of
-      the writing run may be impossible for the reading one.
-    """
-    if getattr(checkpoint_utils.load_checkpoint_to_cpu, "_fairseq_hash", False):
-        return
-    load = checkpoint_utils.load_checkpoint_to_cpu
-
-    @functools.wraps(load)
-    def load_checkpoint_to_cpu(path, arg_overrides=None, *args, **kwargs):
-        state = _contiguous(load(path, arg_overrides, *args, **kwargs))
-        _forget_saved_layout(state, arg_overrides)
-        return state
-
-    load_checkpoint_to_cpu._fairseq_hash = True
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
 
 
 def fail_on_out_of_memory():
