@@ -10,8 +10,9 @@ from .errors import install_excepthook, running_as_command  # noqa: E402
 from . import criterions, hashing, models, optim  # noqa: E402,F401
 from .distributed_checkpoints import install_checkpoint_loading  # noqa: E402
 
+# both wrap fairseq's load_checkpoint_to_cpu: the shards' row references first,
+# then contiguous tensors and the saved layout forgotten
 install_checkpoint_loading()  # sharded checkpoints, before fairseq loads any
-
 install_checkpoint_reader()  # checkpoints of any layout on any number of ranks
 
 # only fairseq's tools and ours: importing the plugin leaves a program's own hook
