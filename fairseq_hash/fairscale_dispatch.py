@@ -42,10 +42,10 @@ class DecidedGate(nn.Module):
         # rank of each slot among the slots of its expert, in token order
         order = torch.argsort(flat, stable=True)
         rank = torch.empty_like(flat)
-        rank[order] = torch.arange(flat.numel()) - (counts.cumsum(0) - counts)[
-            flat[order].clamp(max=E - 1)]
+        rank[order] = torch.arange(flat.numel(), device=flat.device) - (
+            counts.cumsum(0) - counts)[flat[order].clamp(max=E - 1)]
         kept = flat < E
-        token = torch.arange(S).repeat_interleave(k)
+        token = torch.arange(S, device=flat.device).repeat_interleave(k)
         dispatch = torch.zeros(S, E, capacity, dtype=x.dtype, device=x.device)
         dispatch[token[kept], flat[kept], rank[kept]] = 1
         weight = (self.weights.reshape(-1) if self.weights is not None
@@ -66,10 +66,10 @@ class LocalExpert(nn.Module):
         self.slot = slot
 
     def forward(self, chunk):
-        rows = chunk.reshape(-1, chunk.size(-1))
+        rows = chunk.reshape(-1, chunk.size(-1)).to(self.ffn.fc1_weight.dtype)
         counts = [0] * self.ffn.num_experts
         counts[self.slot] = rows.size(0)
-        return self.ffn(rows, counts).view(chunk.shape)
+        return self.ffn(rows, counts).to(chunk.dtype).view(chunk.shape)
 
 
 class FairscaleExchange:
@@ -90,6 +90,9 @@ class FairscaleExchange:
             if weights is not None:
                 weights = torch.cat([weights, weights.new_zeros(pad, weights.size(1))])
         self.gate.decide(indices, weights)
-        y = self.moe(x.unsqueeze(1)).squeeze(1)  # [S', 1, d]: MOELayer wants 3 dims
+        # fairscale's MOELayer casts its dispatch mask to float32 (``dispatch_mask.float()``
+        # in its einsum), which refuses fp16/bf16 inputs: it runs in float32, and each
+        # expert in its weights' dtype (LocalExpert)
+        y = self.moe(x.float().unsqueeze(1)).squeeze(1).to(x.dtype)  # [S', 1, d]: 3 dims
         dropped = int((indices[:S] >= self.gate.num_experts).sum())
         return y[:S], dropped
