@@ -14,8 +14,10 @@ dense at K=64 in a prototype.) Experts know nothing of routing.
 Three ways to compute, chosen per call:
 
 - torch's grouped matrix product (``torch._grouped_mm``), one kernel for all
-  experts and each linear map, where the device has a native one (CUDA, bf16,
-  compute capability 8.0 or newer; probed once per device and dtype);
+  experts and each linear map, only where torch fuses it: CUDA, bf16, compute
+  capability 9.x or 10.x and fewer than 1024 groups (MultiHash with K*N >= 1024
+  narrow experts takes the paths below). Elsewhere torch runs it as a loop of
+  products that copies the offsets to the host on every call;
 - elsewhere (CPU), with a ReLU or GELU activation and no active activation
   dropout (fairseq's default), :class:`GroupedFFN`: the whole FFN expert by
   expert, so that an expert's hidden rows ``[n_e, f]`` are still in cache when
@@ -44,6 +46,61 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class ExpertRows:
+    """Rows of each expert in a batch sorted by expert: ``counts`` as Python ints,
+    and the device tensors the grouped product needs, made once and shared by
+    fc1, fc2 and their backward (and by a ``--checkpoint-activations`` rerun).
+
+    ``device_counts`` (the same counts, on the device) spares a copy from the
+    host where the caller has them; otherwise they are copied without waiting
+    for the device (from pinned memory on CUDA).
+    """
+
+    def __init__(self, counts: List[int], device_counts: Optional[torch.Tensor] = None):
+        self.counts = [int(c) for c in counts]
+        self.total = sum(self.counts)
+        self._device_counts = device_counts
+        self._made = {}
+
+    @classmethod
+    def of(cls, counts) -> "ExpertRows":
+        return counts if isinstance(counts, ExpertRows) else cls(counts)
+
+    def __len__(self):
+        return len(self.counts)
+
+    def _memo(self, name, device, make):
+        key = (name, device)
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+    def device_counts(self, device) -> torch.Tensor:
+        def make():
+            if self._device_counts is not None:
+                return self._device_counts.to(device)
+            host = torch.tensor(self.counts, dtype=torch.long)
+            if device.type == "cuda":
+                return host.pin_memory().to(device, non_blocking=True)
+            return host.to(device)
+        return self._memo("counts", device, make)
+
+    def offsets(self, device) -> torch.Tensor:
+        """``[K]`` int32 end row of each expert (torch._grouped_mm's ``offs``)."""
+        return self._memo("offsets", device,
+                          lambda: self.device_counts(device).cumsum(0).to(torch.int32))
+
+    def expert_of_row(self, device) -> torch.Tensor:
+        """``[S]`` the expert of each row."""
+        return self._memo("rows", device, lambda: torch.repeat_interleave(
+            torch.arange(len(self.counts), device=device), self.device_counts(device),
+            output_size=self.total))
+
+    def idle(self, device) -> torch.Tensor:
+        """``[K]`` bool: experts that received no row (a device-side mask)."""
+        return self._memo("idle", device, lambda: self.device_counts(device).eq(0))
 
 
 def _bounds(counts: List[int]):
@@ -159,13 +216,18 @@ def weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
     return buffer.view(buffer.shape)
 
 
+# torch fuses its grouped product for fewer groups only; above, it loops
+GROUPED_MM_MAX_GROUPS = 1023
+
+
 @lru_cache(maxsize=None)
 def grouped_mm_available(device_type: str, device_index, dtype: torch.dtype) -> bool:
-    """Whether torch has a native grouped matrix product for this device and dtype."""
+    """Whether torch runs ``torch._grouped_mm`` as one fused kernel here: bf16 on CUDA
+    devices of compute capability 9.x or 10.x (torch 2.13's fused kernels)."""
     if device_type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
         return False
     device = torch.device(device_type, device_index)
-    if torch.cuda.get_device_capability(device)[0] < 8:
+    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
         return False
     try:  # the kernels also constrain shapes and versions; ask them once
         a = torch.zeros(16, 16, device=device, dtype=dtype)
@@ -179,13 +241,45 @@ def grouped_mm_available(device_type: str, device_index, dtype: torch.dtype) -> 
 
 
 def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # the kernel wants 16-byte aligned rows
+    # one group an expert, each a [out, in] matrix; rows 16-byte aligned (8 bf16)
     return (
         x.dtype == weight.dtype
+        and weight.dim() == 3
+        and weight.size(0) <= GROUPED_MM_MAX_GROUPS
         and weight.size(1) % 8 == 0
         and weight.size(2) % 8 == 0
         and grouped_mm_available(x.device.type, x.device.index, x.dtype)
     )
+
+
+def grouped_mm_linear(x, weight, bias, rows: "ExpertRows"):
+    """``y = x @ weight[e].T + bias[e]`` over each expert's rows, one fused kernel."""
+    # x: [S, in], weight: [K, out, in], bias: [K, out] -> [S, out]
+    y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=rows.offsets(x.device))
+    return y.add_(bias.index_select(0, rows.expert_of_row(x.device)))
+
+
+def grouped_mm_linear_backward(grad_y, x, weight, rows: "ExpertRows", need_x, need_w, need_b):
+    """Gradients of :func:`grouped_mm_linear`, each one fused kernel.
+
+    The bias gradient is a grouped product with a column of ones: the kernel
+    sums an expert's rows in float32 and rounds once (an ``index_add_`` in bf16
+    would round at every row).
+    """
+    offs = rows.offsets(x.device)
+    grad_x = torch._grouped_mm(grad_y, weight, offs=offs) if need_x else None
+    grad_w = torch._grouped_mm(grad_y.t(), x, offs=offs) if need_w else None
+    grad_b = None
+    if need_b:  # 8 columns of ones: the kernel wants 16-byte rows
+        ones = grad_y.new_ones(grad_y.size(0), 8)
+        grad_b = torch._grouped_mm(grad_y.t(), ones, offs=offs)[..., 0].contiguous()
+    if 0 in rows.counts:  # an empty group's output is not promised to be zero
+        idle = rows.idle(x.device)
+        if grad_w is not None:
+            grad_w.masked_fill_(idle.view(-1, 1, 1), 0)
+        if grad_b is not None:
+            grad_b.masked_fill_(idle.view(-1, 1), 0)
+    return grad_x, grad_w, grad_b
 
 
 def _of_expert(t: torch.Tensor, e: int, dims: int) -> torch.Tensor:
@@ -200,21 +294,14 @@ class GroupedLinear(torch.autograd.Function):
     """``y[rows of e] = x[rows of e] @ weight[e].T + bias[e]`` for every expert e."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, counts):
+    def forward(ctx, x, weight, bias, rows):
         # x: [S, in], weight: [K, out, in] (or [K, N, out, in]), bias: [K, out]
         # (or [K, N, out]) -> y: [S, out]
         ctx.save_for_backward(x, weight)
-        ctx.counts = counts
-        kept = sum(counts)  # every row: the dispatch hands over kept rows only
-        ctx.grouped = _use_grouped_mm(x, weight) and weight.dim() == 3
+        ctx.rows = rows  # every row: the dispatch hands over kept rows only
+        ctx.grouped = _use_grouped_mm(x, weight)
         if ctx.grouped:
-            ctx.offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-            ctx.rows = torch.repeat_interleave(
-                torch.arange(len(counts), device=x.device),
-                torch.tensor(counts, device=x.device), output_size=kept,
-            )  # [S] expert of each row
-            y = torch._grouped_mm(x, weight.transpose(-2, -1), offs=ctx.offsets)
-            return y.add_(bias.index_select(0, ctx.rows))
+            return grouped_mm_linear(x, weight, bias, rows)
         y = x.new_empty(x.size(0), weight.size(-2))
 
         def work(bounds):
@@ -222,7 +309,7 @@ class GroupedLinear(torch.autograd.Function):
                 torch.addmm(_of_expert(bias, e, 1), x[lo:hi], _of_expert(weight, e, 2).t(),
                             out=y[lo:hi])
 
-        for_expert_groups(x.device, counts, work)
+        for_expert_groups(x.device, rows.counts, work)
         return y
 
     @staticmethod
@@ -231,24 +318,16 @@ class GroupedLinear(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.grouped:
-            grad_x = torch._grouped_mm(grad_y, weight, offs=ctx.offsets) if need_x else None
-            grad_w = torch._grouped_mm(grad_y.t(), x, offs=ctx.offsets) if need_w else None
-            if grad_w is not None:
-                idle = [e for e, count in enumerate(ctx.counts) if count == 0]
-                if idle:  # an empty group's output is not promised to be zero
-                    grad_w[idle] = 0
-            grad_b = None
-            if need_b:
-                grad_b = grad_y.new_zeros(weight.size(0), weight.size(1))
-                grad_b.index_add_(0, ctx.rows, grad_y)
-            return grad_x, grad_w, grad_b, None
+            return (*grouped_mm_linear_backward(grad_y, x, weight, ctx.rows, need_x, need_w,
+                                                need_b), None)
+        counts = ctx.rows.counts
         grad_x = x.new_empty(x.shape) if need_x else None
         # empty, not zeros: a memset of [K, out, in] costs as much as a small
         # expert's product; only experts that received no token are zeroed
         # (a view's gradient keeps the view's strides: empty_like preserves them)
         grad_w = weight_grad_buffer(weight) if need_w else None
         grad_b = weight.new_empty(weight.shape[:-1]) if need_b else None
-        for e, count in enumerate(ctx.counts):
+        for e, count in enumerate(counts):
             if count == 0:
                 if grad_w is not None:
                     _of_expert(grad_w, e, 2).zero_()
@@ -265,7 +344,7 @@ class GroupedLinear(torch.autograd.Function):
                 if grad_b is not None:
                     torch.sum(g, dim=0, out=_of_expert(grad_b, e, 1))
 
-        for_expert_groups(x.device, ctx.counts, work)
+        for_expert_groups(x.device, counts, work)
         return grad_x, grad_w, grad_b, None
 
 
@@ -342,7 +421,8 @@ class GroupedFFN(torch.autograd.Function):
 def _autocast_by_hand(device_type: str, *tensors):
     """nn.Linear's autocast rule (compute in autocast's dtype), applied by hand:
     autocast does not reach the ``out=`` products inside the functions above."""
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type)  # not on meta tensors
+            and torch.is_autocast_enabled(device_type)):
         yield tensors
         return
     dtype = torch.get_autocast_dtype(device_type)
@@ -350,21 +430,24 @@ def _autocast_by_hand(device_type: str, *tensors):
         yield tuple(t.to(dtype) for t in tensors)
 
 
-def _check_counts(x, counts):
-    if sum(counts) != x.size(0):
-        raise ValueError(f"expert counts {counts} do not cover the {x.size(0)} rows")
+def _rows_of(x, counts) -> ExpertRows:
+    rows = ExpertRows.of(counts)
+    if rows.total != x.size(0):
+        raise ValueError(f"expert counts {rows.counts} do not cover the {x.size(0)} rows")
+    return rows
 
 
-def grouped_linear(x, weight, bias, counts: List[int]):
-    _check_counts(x, counts)
+def grouped_linear(x, weight, bias, counts):
+    """``counts``: K ints, or an :class:`ExpertRows`."""
+    rows = _rows_of(x, counts)
     with _autocast_by_hand(x.device.type, x, weight, bias) as (x, weight, bias):
-        return GroupedLinear.apply(x, weight, bias, counts)
+        return GroupedLinear.apply(x, weight, bias, rows)
 
 
-def grouped_ffn(x, w1, b1, w2, b2, counts: List[int], activation: str):
-    _check_counts(x, counts)
+def grouped_ffn(x, w1, b1, w2, b2, counts, activation: str):
+    rows = _rows_of(x, counts)
     with _autocast_by_hand(x.device.type, x, w1, b1, w2, b2) as (x, w1, b1, w2, b2):
-        return GroupedFFN.apply(x, w1, b1, w2, b2, counts, activation)
+        return GroupedFFN.apply(x, w1, b1, w2, b2, rows.counts, activation)
 
 
 def fused_activation(fn) -> Optional[str]:
@@ -458,8 +541,9 @@ class ExpertFFN(nn.Module):
             self.fc2_weight[e].copy_(fc2.weight)
             self.fc2_bias[e].copy_(fc2.bias)
 
-    def forward(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
-        # x: [S, d] sorted by expert; counts[e] rows for expert e
+    def forward(self, x: torch.Tensor, counts) -> torch.Tensor:
+        # x: [S, d] sorted by expert; counts[e] rows for expert e (ints or ExpertRows)
+        counts = ExpertRows.of(counts)
         activation = fused_activation(self.activation_fn)
         if (activation is not None and dropout_inactive(self.activation_dropout)
                 and not _use_grouped_mm(x, self.fc1_weight)):
