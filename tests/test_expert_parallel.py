@@ -203,6 +203,20 @@ def test_replicas_on_two_ranks_train_the_one_rank_model(data_bin, one_rank, tmp_
                         os.path.join(save, "checkpoint_last.pt"))
 
 
+def test_accumulating_micro_batches_sync_expert_gradients_once_an_update(data_bin, tmp_path):
+    # 2 ranks of 2 micro-batches an update against 1 rank of 4: expert gradients
+    # are divided by W on the last micro-batch only (fairseq's no_sync on the
+    # others); dividing at every backward would halve the first one's share
+    one = losses(train_on_one_rank(data_bin, str(tmp_path / "one"), "--max-update", "4",
+                                   "--update-freq", "4"))
+    proc = train_on_two_ranks(data_bin, str(tmp_path / "two"), "--max-update", "4",
+                              "--update-freq", "2")
+    assert "reduced once per update, on the last micro-batch" in proc.stdout + proc.stderr
+    assert len(one) == 4 and losses(proc) == one
+    assert_same_weights(str(tmp_path / "one" / "checkpoint_last.pt"),
+                        str(tmp_path / "two" / "checkpoint_last.pt"))
+
+
 @pytest.mark.parametrize("flags, expected", [
     (["--moe-expert-parallel-size", "3"], "--moe-expert-parallel-size 3 must divide both"),
     (["--hash-experts", "3"], "--hash-experts 3 and a world of 2 ranks"),

@@ -20,8 +20,8 @@ from omegaconf import OmegaConf
 
 from ..errors import HashConfigError
 from ..experts import ExpertFFN
-from ..expert_parallel import (AllToAllExchange, check_ddp_backend, expert_layout,
-                               gather_counts, sync_expert_gradients)
+from ..expert_parallel import (AllToAllExchange, ExpertGradientSync, check_ddp_backend,
+                               expert_layout, gather_counts)
 from ..fairscale_dispatch import FairscaleExchange
 from ..hashing import (HASH_REGISTRY, RouteInputs, build_hash_function,
                        dictionary_fingerprint, expected_load, token_counts)
@@ -339,7 +339,10 @@ def build_exchange(args, layout, experts):
     return AllToAllExchange(layout)
 
 
-def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: int) -> MoELayer:
+def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: int,
+                   sync_gradients: bool = True) -> MoELayer:
+    """One routed FFN; ``sync_gradients``: its own ExpertGradientSync under expert
+    parallelism (HashLayers gives all layers of a side one instead)."""
     learned = getattr(args, "router", "hash") != "hash"
     count = getattr(args, "hash_count", 1)
     check_hash_count(count, ffn_dim)
@@ -375,15 +378,18 @@ def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: in
             torch.default_generator.manual_seed(seed)
             router = build_learned_router(args.router, embed_dim, args.hash_experts,
                                           getattr(args, "capacity_factor", 1.25))
-    if layout is not None:
-        sync_expert_gradients(list(experts.parameters()), layout)
+    if layout is not None and sync_gradients:
+        ExpertGradientSync(layout).register(experts.parameters())
     exchange = build_exchange(args, layout, experts)
     if getattr(args, "hash_shared_experts", 0):
         with torch.random.fork_rng(devices=[]):  # a generator of their own, as the router's
             torch.default_generator.manual_seed(seed + 1)
             shared = SharedExperts(args.hash_shared_experts, embed_dim, shared_ffn_dim)
-        return SharedExpertMoELayer(router, experts, shared, exchange)
-    return MoELayer(router, experts, exchange)
+        moe = SharedExpertMoELayer(router, experts, shared, exchange)
+    else:
+        moe = MoELayer(router, experts, exchange)
+    moe.layout = layout  # None on one process
+    return moe
 
 
 def pass_route_through(layer: nn.Module, moe: MoELayer):
@@ -488,11 +494,27 @@ class HashLayers:
         for idx in self.hash_layer_ids:
             layer = self.layers[idx]
             moe = build_hash_moe(args, dictionary, seed_offset + idx, layer.embed_dim,
-                                 layer.fc1.out_features)
+                                 layer.fc1.out_features, sync_gradients=False)
             replace_ffn(layer, moe)
             pass_route_through(layer, moe)
             self.moe_layers[idx] = moe
+        self.gradient_sync = self._gradient_sync()
         log_expected_load(self.moe_layers, dictionary, self.side)
+
+    def _gradient_sync(self) -> ExpertGradientSync:
+        """One sync for all hash layers of this side, anchored at its input embedding
+        (autograd's last gradient of the side: see ExpertGradientSync)."""
+        layout = next((moe.layout for moe in self.moe_layers.values()), None)
+        sync = ExpertGradientSync(layout)
+        for moe in self.moe_layers.values():
+            sync.register(moe.experts.parameters())
+        shared = [p for p in self.parameters() if not hasattr(p, "expert")]
+        anchor = next((p for p in [self.embed_tokens.weight, *shared] if p.requires_grad), None)
+        if anchor is not None:
+            sync.set_anchor(anchor)
+        if layout is not None:
+            sync.follow_wrapper(self)
+        return sync
 
     def plan_exchanges(self, route: RouteInputs):
         """Every expert-parallel hash layer's counts of all ranks, in one collective.
@@ -515,6 +537,7 @@ class HashLayers:
     @contextmanager
     def routing(self, route: RouteInputs):
         """Hand every hash layer the route inputs of one forward pass (see pass_route_through)."""
+        self.gradient_sync.begin()
         plans = self.plan_exchanges(route)
         for idx, moe in self.moe_layers.items():
             moe.next_route = (route, plans.get(idx))
