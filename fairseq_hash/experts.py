@@ -48,6 +48,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def to_device(values: List[int], device) -> torch.Tensor:
+    """Host ints as a long tensor on ``device``, without waiting for the device
+    (through pinned memory on CUDA; a plain copy from pageable memory blocks)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 class ExpertRows:
     """Rows of each expert in a batch sorted by expert: ``counts`` as Python ints,
     and the device tensors the grouped product needs, made once and shared by
@@ -81,10 +90,7 @@ class ExpertRows:
         def make():
             if self._device_counts is not None:
                 return self._device_counts.to(device)
-            host = torch.tensor(self.counts, dtype=torch.long)
-            if device.type == "cuda":
-                return host.pin_memory().to(device, non_blocking=True)
-            return host.to(device)
+            return to_device(self.counts, device)
         return self._memo("counts", device, make)
 
     def offsets(self, device) -> torch.Tensor:

@@ -9,16 +9,70 @@ slices, one scatter-add back into token order. No ``[S, K]`` one-hot mask, no
 capacity, no token dropped (a router may still mark slots ``dropped``; those
 contribute nothing, as in Switch Transformers' capacity overflow).
 
-With one expert per token and no slot dropped (every hash layer), dispatch and
-combine are a permutation and its inverse, and so are their gradients: both
-directions are row gathers (``index_select``), where autograd's own backward
-of a gather would scatter-add into a zeroed ``[S, d]`` tensor.
+With one expert per token and no slot dropped (a hash layer without
+padding), dispatch and combine are a permutation and its inverse, and so are
+their gradients: both directions are row gathers (``index_select``), where
+autograd's own backward of a gather would scatter-add into a zeroed ``[S, d]``
+tensor.
+
+A hash layer's routing depends on the token ids alone, so its dispatch is
+planned before the layers run (:func:`plan_hash_dispatch`): the per-expert
+counts of every hash layer, of every rank of an expert group where experts are
+spread, reach the host in one read per forward pass, and the layers, their
+backward and any ``--checkpoint-activations`` recomputation read nothing from
+the device. Padding positions go to no expert (their output is zero; fairseq
+masks them out of attention and the loss). Learned routers choose from the
+hidden state, so their layer reads its counts itself, once.
 """
+from dataclasses import dataclass
+from typing import List, Optional
+
 import torch
 import torch.nn as nn
 
-from .experts import ExpertFFN
+from .experts import ExpertFFN, ExpertRows
 from .hashing import RouteInputs
+from .routers import HashRouter
+
+
+@dataclass
+class HashDispatchPlan:
+    """One hash layer's dispatch in one forward pass, known on the host."""
+
+    indices: torch.Tensor  # [S, k] global expert ids; padding slots carry E (go nowhere)
+    counts: List[int]  # [E] this rank's (token, slot) pairs of each expert
+    device_counts: torch.Tensor  # [E] the same, on the device
+    everyone: Optional[List[List[int]]] = None  # [P][E] each rank of the expert group's counts
+    padding: int = 0  # slots of padding positions
+
+
+def plan_hash_dispatch(moes: List["MoELayer"], route: RouteInputs) -> List[HashDispatchPlan]:
+    """Plans of hash layers that share a layout, with one read from the device.
+
+    Each layer's counts come from its table lookup on the device; where experts
+    are spread over ranks, one all-gather exchanges every layer's counts at
+    once, and a single ``tolist`` brings them all to the host.
+    """
+    indices = [moe.hash_indices(route) for moe in moes]  # [S, k] each
+    width = max(moe.num_experts for moe in moes) + 1  # the last bucket: padding
+    counts = torch.stack([torch.bincount(i.reshape(-1), minlength=width) for i in indices])
+    layout = next((moe.exchange.layout for moe in moes if moe.exchange is not None), None)
+    if layout is not None:
+        from .expert_parallel import gather_counts
+
+        everyone = gather_counts(counts, layout)  # [P, layers, E + 1]
+    else:
+        everyone = counts.unsqueeze(0)
+    host = everyone.tolist()  # the forward pass's one read from the device
+    me = layout.shard if layout is not None else 0
+    plans = []
+    for n, (moe, idx) in enumerate(zip(moes, indices)):
+        E = moe.num_experts
+        plans.append(HashDispatchPlan(
+            indices=idx, counts=host[me][n][:E], device_counts=counts[n, :E],
+            everyone=[rank[n][:E] for rank in host] if layout is not None else None,
+            padding=host[me][n][E]))
+    return plans
 
 
 class Permute(torch.autograd.Function):
@@ -52,7 +106,7 @@ class MoELayer(nn.Module):
         self.exchange = exchange
         self.parallel_size = getattr(getattr(exchange, "layout", None), "parallel_size", 1)
         self.route_inputs = None  # set by the model around each forward
-        self.planned_counts = None  # [P, E] of every rank, where the model gathered them
+        self.plan = None  # HashDispatchPlan of this forward, where the model planned it
         self.aux_loss = None  # of the last forward, read by the criterion
         self.last_indices = None  # of the last forward, read by routing reports
         self.num_dropped = 0
@@ -62,32 +116,52 @@ class MoELayer(nn.Module):
         """Experts the router chooses among (all ranks' together)."""
         return self.experts.num_experts * self.parallel_size
 
+    @property
+    def plans_ahead(self) -> bool:
+        """Whether the router's choice depends on the token ids alone (a hash)."""
+        return isinstance(self.router, HashRouter)
+
+    def hash_indices(self, route: RouteInputs) -> torch.Tensor:
+        """``[S, k]`` experts of a hash router, padding positions past the last expert."""
+        indices = self.router(None, route).indices
+        pad = route.pad.transpose(0, 1).reshape(-1, 1)  # fairseq's [T, B] order
+        return indices.masked_fill(pad, self.num_experts)
+
     def forward(self, x: torch.Tensor, route: RouteInputs = None) -> torch.Tensor:
         route = route if route is not None else self.route_inputs
+        plan = self.plan
+        if plan is None and self.plans_ahead:
+            plan = plan_hash_dispatch([self], route)[0]  # a layer used on its own
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [S, d]
         out = self.router(x, route)
         indices = out.indices  # [S, k]
-        if out.dropped is not None:
+        if plan is not None:
+            indices = plan.indices
+        elif out.dropped is not None:
             # a dropped slot is computed nowhere: route it past the last expert
             indices = indices.masked_fill(out.dropped, self.num_experts)
         if self.exchange is not None:
-            y, dropped = self.exchange(x, indices, out.weights, self.experts, self.planned_counts)
+            y, dropped = self.exchange(x, indices, out.weights, self.experts, plan)
         else:
-            y, dropped = self.dispatch(x, indices, out.weights)
+            y, dropped = self.dispatch(x, indices, out.weights, plan)
         self.aux_loss = out.aux_loss
         self.last_indices = out.indices.detach()
-        self.num_dropped = dropped
+        self.num_dropped = dropped - (plan.padding if plan is not None else 0)
         return y.view(shape)
 
-    def dispatch(self, x, indices, weights):
+    def dispatch(self, x, indices, weights, plan: Optional[HashDispatchPlan] = None):
         """On one process: sort (token, slot) pairs by expert, compute, combine."""
         S, k = indices.shape
+        E = self.experts.num_experts
         flat = indices.reshape(-1)  # [S*k]
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs in expert order
-        counts = torch.bincount(flat, minlength=self.experts.num_experts + 1)
-        counts = counts[: self.experts.num_experts].tolist()
-        kept = sum(counts)
+        if plan is not None:
+            counts = ExpertRows(plan.counts, plan.device_counts)
+        else:  # a learned router: its one read
+            device_counts = torch.bincount(flat, minlength=E + 1)[:E]
+            counts = ExpertRows(device_counts.tolist(), device_counts)
+        kept = counts.total
         if k == 1 and kept == S:
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(S, device=order.device)

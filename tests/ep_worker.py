@@ -43,6 +43,8 @@ def main():
     router, dispatch, steps = {"hash": ("hash", "alltoall", 1), "top2": ("top2", "alltoall", 1),
                                "fairscale": ("hash", "fairscale", 1),
                                "fairscale-top2": ("top2", "fairscale", 1),
+                               "exact": ("hash", "alltoall-exact", 1),
+                               "exact-top2": ("top2", "alltoall-exact", 1),
                                "replicas": ("hash", "alltoall", 3)}[case]
     moe = build_hash_moe(layer_args(router, dispatch, 1 if case == "replicas" else 0),
                          dictionary, 0, 8, 16).to(dtype)

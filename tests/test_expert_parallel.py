@@ -165,7 +165,8 @@ def single_process_reference(router, ranks):
 
 
 @pytest.mark.parametrize("case, router", [("hash", "hash"), ("top2", "top2"),
-                                          ("fairscale", "hash"), ("fairscale-top2", "top2")])
+                                          ("fairscale", "hash"), ("fairscale-top2", "top2"),
+                                          ("exact", "hash"), ("exact-top2", "top2")])
 def test_the_exchange_and_its_backward_equal_one_process(case, router, tmp_path):
     ranks = run_workers(case, tmp_path)
     y, x_grad, updated = single_process_reference(router, ranks)

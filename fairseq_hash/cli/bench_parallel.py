@@ -8,11 +8,21 @@
 of every hash layer's per-expert counts) against one all-gather a layer.
 
 The layer mode times one hash layer's forward and backward (d=512, f=2048), each
-of 2 gloo ranks holding K/2 experts and its own S tokens, with the default
-exchange (``alltoall``) and with fairscale's ``MOELayer`` (``fairscale``),
-against the same layer on one process over the same 2S tokens with all K
-experts. It prints the time per step and the rows and bytes each rank sends
-per step (forward and backward, both directions).
+of 2 gloo ranks holding K/2 experts and its own S tokens (uniformly random
+experts), with the default exchange (``alltoall``, padded blocks), the exact
+one (``alltoall-exact``) and fairscale's ``MOELayer`` (``fairscale``), against
+the same layer on one process over the same 2S tokens with all K experts. It
+prints the time per step, and the rows each rank sends per step (forward and
+backward, both directions) beside the rows that carry a token.
+
+``--wire`` counts the rows the exchange moves at sizes this machine cannot run
+(P = 2, 4, 8 ranks, 4096 and 16384 tokens a rank, K = 64): token ids drawn from a
+Zipf vocabulary of 32000 symbols, routed by a balanced hash of their expected
+counts, right-padded rows making up 0, 10 or 25% of a batch (``--repeat``
+batches a row). It prints, per step and summed over ranks, the rows with a token, and the rows fairscale's
+padded all-to-all sends (every block padded to the largest) with padding
+positions sent to expert 0 (before) and sent nowhere (now); the exact
+exchange (``--moe-dispatch alltoall-exact``) sends the rows with a token.
 
 ``--train`` runs ``fairseq-train`` on 2 gloo ranks (launched by hand, as
 README.md shows): the hash LM expert-parallel, and the dense ``transformer_lm``
@@ -60,7 +70,7 @@ def layer_worker(rank, world, port, experts, tokens, dispatch, repeat, out):
         layout = expert_layout(experts)
         ffn = ExpertFFN(experts, d, f, shard=layout.shard, num_shards=layout.parallel_size)
         exchange = (FairscaleExchange(layout, ffn) if dispatch == "fairscale"
-                    else AllToAllExchange(layout))
+                    else AllToAllExchange(layout, exact=dispatch == "alltoall-exact"))
     else:
         ffn, exchange = ExpertFFN(experts, d, f), None
     router = Fixed()
@@ -68,22 +78,28 @@ def layer_worker(rank, world, port, experts, tokens, dispatch, repeat, out):
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(tokens, d, generator=gen, requires_grad=True)
     router.indices = torch.randint(experts, (tokens, 1), generator=gen)
-    times, sent = [], 0
+    times = []
     for step in range(repeat + 1):
         start = time.perf_counter()
         moe(x).sum().backward()
         if step:
             times.append(time.perf_counter() - start)
+    sent = needed = 0
     if world > 1:
-        counts = torch.bincount(router.indices.view(-1), minlength=experts)
-        everyone = [torch.empty_like(counts) for _ in range(world)]
-        dist.all_gather(everyone, counts)
-        pair = torch.stack(everyone).view(world, world, -1).sum(-1)
-        capacity = int(pair.max())  # rows of each block of the padded exchange
-        sent = 4 * world * capacity  # forward there and back, and the same in backward
+        # rows one way of one exchange; a step has four (there and back, forward and backward)
+        if dispatch == "fairscale":  # [E, C, d] blocks, C the largest count of any expert
+            counts = torch.bincount(router.indices.view(-1), minlength=experts)
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+            sent = experts * int(counts.max())
+            needed = tokens
+        else:
+            sizes = exchange.last_sizes
+            sent = sizes.kept if exchange.exact else sizes.rows_on_the_wire
+            needed = sizes.kept
         dist.destroy_process_group()
     with open(f"{out}.{rank}", "w") as fh:
-        json.dump({"seconds": sorted(times)[len(times) // 2], "rows_sent": sent}, fh)
+        json.dump({"seconds": sorted(times)[len(times) // 2], "rows_sent": 4 * sent,
+                   "rows_needed": 4 * needed}, fh)
 
 
 def counts_worker(rank, port, experts, layers, repeat, out):
@@ -124,11 +140,12 @@ def run_counts(args):
 
 def run_layer(args):
     rows = []
-    for name, world, tokens in (("1 process, all experts", 1, 2 * args.tokens),
-                                ("2 ranks, alltoall", 2, args.tokens),
-                                ("2 ranks, fairscale MOELayer", 2, args.tokens)):
+    for name, world, tokens, dispatch in (
+            ("1 process, all experts", 1, 2 * args.tokens, "alltoall"),
+            ("2 ranks, alltoall (padded)", 2, args.tokens, "alltoall"),
+            ("2 ranks, alltoall-exact", 2, args.tokens, "alltoall-exact"),
+            ("2 ranks, fairscale MOELayer", 2, args.tokens, "fairscale")):
         port, out = free_port(), f"/tmp/ep-bench-{os.getpid()}"
-        dispatch = "fairscale" if "fairscale" in name else "alltoall"
         procs = [subprocess.Popen([*SELF, "_layer", str(r), str(world),
                                    str(port), str(args.experts), str(tokens), dispatch,
                                    str(args.repeat), out]) for r in range(world)]
@@ -139,12 +156,15 @@ def run_layer(args):
         seconds = max(r["seconds"] for r in result)
         rows.append({"setting": name, "experts": args.experts, "tokens_per_step": 2 * args.tokens,
                      "ms": 1000 * seconds, "rows_sent_per_rank": result[0]["rows_sent"],
+                     "rows_needed_per_rank": result[0]["rows_needed"],
                      "mb_sent_per_rank": result[0]["rows_sent"] * 512 * 4 / 2**20})
-    print(f"| setting | K | tokens a step | fwd+bwd ms | rows sent a rank | MB sent a rank |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| setting | K | tokens a step | fwd+bwd ms | rows sent a rank | rows with a token | "
+          "MB sent a rank |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['setting']} | {r['experts']} | {r['tokens_per_step']} | {r['ms']:.1f} | "
-              f"{r['rows_sent_per_rank']} | {r['mb_sent_per_rank']:.1f} |")
+              f"{r['rows_sent_per_rank']} | {r['rows_needed_per_rank']} | "
+              f"{r['mb_sent_per_rank']:.1f} |")
     return rows
 
 
@@ -193,12 +213,60 @@ def run_train(args):
     return rows
 
 
+def padded_rows(experts: torch.Tensor, num_experts: int, ranks: int) -> int:
+    """Rows of fairscale's padded all-to-all, summed over ranks, one direction:
+    ``experts [P, S]`` (id ``num_experts``: goes nowhere) -> P * P * C."""
+    counts = torch.stack([torch.bincount(e, minlength=num_experts + 1)[:num_experts]
+                          for e in experts])  # [P, K]
+    pair = counts.view(ranks, ranks, -1).sum(-1)  # [src, dst]
+    return ranks * ranks * int(pair.max())
+
+
+def run_wire(args, vocab=32000, num_experts=64):
+    from ..hashing import greedy_balance
+
+    draws = args.repeat  # batches drawn for each row
+    gen = torch.Generator().manual_seed(0)
+    probs = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)  # Zipf, exponent 1
+    probs /= probs.sum()
+    table = greedy_balance(probs * 1e9, num_experts)  # the balanced hash of these counts
+    rows = []
+    for ranks in (2, 4, 8):
+        for tokens in (4096, 16384):
+            for pad_share in (0.0, 0.1, 0.25):
+                needed = before = now = 0
+                for _ in range(draws):
+                    ids = torch.multinomial(probs, ranks * tokens, replacement=True,
+                                            generator=gen).view(ranks, tokens)
+                    experts = table[ids]
+                    # right padding: the last pad_share of each 512-token row
+                    pad = (torch.arange(tokens) % 512) >= round(512 * (1 - pad_share))
+                    pad = pad.expand(ranks, tokens)
+                    needed += int((~pad).sum())
+                    before += padded_rows(experts.masked_fill(pad, 0), num_experts, ranks)
+                    now += padded_rows(experts.masked_fill(pad, num_experts), num_experts, ranks)
+                rows.append({"ranks": ranks, "tokens_per_rank": tokens, "padding": pad_share,
+                             "rows_needed": needed / draws, "padded_before": before / draws,
+                             "padded_now": now / draws, "exact": needed / draws})
+    print(f"| P | tokens a rank | padding | rows with a token | padded all-to-all, padding "
+          f"to expert 0 (before) | padded all-to-all, padding nowhere (now) | exact split |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        n = r["rows_needed"]
+        print(f"| {r['ranks']} | {r['tokens_per_rank']} | {r['padding']:.0%} | {n:.0f} | "
+              f"{r['padded_before']:.0f} (+{r['padded_before'] / n - 1:.1%}) | "
+              f"{r['padded_now']:.0f} (+{r['padded_now'] / n - 1:.1%}) | {n:.0f} (+0%) |")
+    return rows
+
+
 def run_ranks(args) -> list:
     """The --ranks 2 modes of fairseq-hash-bench; ``args`` are its parsed flags."""
     if args.ranks != 2:
         raise SystemExit("fairseq-hash-bench: error: --ranks supports 2 (gloo processes on "
                          "this machine); for N GPUs see BENCHMARKS.md")
     args.experts, args.tokens = args.experts[0], (args.tokens or [4096])[0]
+    if args.wire:
+        return run_wire(args)
     if args.counts:
         return run_counts(args)
     return run_train(args) if args.train else run_layer(args)

@@ -21,11 +21,11 @@ from omegaconf import OmegaConf
 from ..errors import HashConfigError
 from ..experts import ExpertFFN
 from ..expert_parallel import (AllToAllExchange, ExpertGradientSync, check_ddp_backend,
-                               expert_layout, gather_counts)
+                               expert_layout)
 from ..fairscale_dispatch import FairscaleExchange
 from ..hashing import (HASH_REGISTRY, RouteInputs, build_hash_function,
                        dictionary_fingerprint, expected_load, token_counts)
-from ..moe_layer import MoELayer
+from ..moe_layer import MoELayer, plan_hash_dispatch
 from ..multihash import MultiHashRouter, SegmentedExpertFFN, check_hash_count
 from ..routers import ROUTERS, HashRouter, build_learned_router
 from ..scores import HashScoreGate, check_score
@@ -150,8 +150,9 @@ class HashRoutingConfig(FairseqDataclass):
         default="alltoall",
         metadata={
             "help": "how tokens reach experts on other ranks: alltoall (sorted by expert, "
-            "padded to the step's largest count, fairscale's all-to-all) or fairscale "
-            "(fairscale's MOELayer with dense dispatch masks, for comparison)"
+            "padded to the step's largest count, fairscale's all-to-all), alltoall-exact "
+            "(torch's all_to_all_single with exact split sizes: no padding rows) or "
+            "fairscale (fairscale's MOELayer with dense dispatch masks, for comparison)"
         },
     )
 
@@ -334,9 +335,10 @@ def build_exchange(args, layout, experts):
     dispatch = getattr(args, "moe_dispatch", "alltoall")
     if dispatch == "fairscale":
         return FairscaleExchange(layout, experts)
-    if dispatch != "alltoall":
-        raise HashConfigError(f"--moe-dispatch {dispatch!r} is unknown; valid: alltoall, fairscale")
-    return AllToAllExchange(layout)
+    if dispatch not in ("alltoall", "alltoall-exact"):
+        raise HashConfigError(f"--moe-dispatch {dispatch!r} is unknown; valid: alltoall, "
+                              f"alltoall-exact, fairscale")
+    return AllToAllExchange(layout, exact=dispatch == "alltoall-exact")
 
 
 def build_hash_moe(args, dictionary, layer_idx: int, embed_dim: int, ffn_dim: int,
@@ -407,11 +409,11 @@ def pass_route_through(layer: nn.Module, moe: MoELayer):
     plain = getattr(layer, "precheckpoint_forward", None) or checkpointed
 
     def routed(*args, _hash_route=(None, None), **kwargs):
-        moe.route_inputs, moe.planned_counts = _hash_route
+        moe.route_inputs, moe.plan = _hash_route
         try:
             return plain(*args, **kwargs)
         finally:
-            moe.route_inputs = moe.planned_counts = None
+            moe.route_inputs = moe.plan = None
 
     if plain is not checkpointed:
         # fairseq's checkpoint_wrapper: partial(_checkpointed_forward, forward, offload)
@@ -516,29 +518,23 @@ class HashLayers:
             sync.follow_wrapper(self)
         return sync
 
-    def plan_exchanges(self, route: RouteInputs):
-        """Every expert-parallel hash layer's counts of all ranks, in one collective.
+    def plan_dispatch(self, route: RouteInputs):
+        """Every hash layer's dispatch of this forward pass, with one read from the device.
 
-        A hash layer's routing depends on token ids alone, so the exchange
-        sizes of all of them are known before the first layer runs.
+        A hash layer's routing depends on token ids alone, so the counts and
+        exchange sizes of all of them are known before the first layer runs
+        (see moe_layer.plan_hash_dispatch). Learned routers plan nothing.
         """
-        planned = {idx: moe for idx, moe in self.moe_layers.items()
-                   if moe.exchange is not None and isinstance(moe.router, HashRouter)}
+        planned = {idx: moe for idx, moe in self.moe_layers.items() if moe.plans_ahead}
         if not planned:
             return {}
-        counts = torch.stack([
-            torch.bincount(moe.router(None, route).indices.reshape(-1),
-                           minlength=moe.num_experts)
-            for moe in planned.values()])  # [layers, E]
-        layout = next(iter(planned.values())).exchange.layout
-        everyone = gather_counts(counts, layout)  # [P, layers, E]
-        return {idx: everyone[:, i] for i, idx in enumerate(planned)}
+        return dict(zip(planned, plan_hash_dispatch(list(planned.values()), route)))
 
     @contextmanager
     def routing(self, route: RouteInputs):
         """Hand every hash layer the route inputs of one forward pass (see pass_route_through)."""
         self.gradient_sync.begin()
-        plans = self.plan_exchanges(route)
+        plans = self.plan_dispatch(route)
         for idx, moe in self.moe_layers.items():
             moe.next_route = (route, plans.get(idx))
         try:
