@@ -1,4 +1,10 @@
+import os
+import runpy
+
 from setuptools import find_packages, setup
+
+TOOLS = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                    "fairseq_hash", "cli", "tools.py"))["TOOLS"]
 
 setup(
     name="fairseq-hash",
@@ -24,19 +30,6 @@ setup(
         # fairseq's main branch, importable on Python 3.11 (fairseq 0.12.2 is not)
         "fairseq": ["fairseq-fixed>=0.12.3.1"],
     },
-    entry_points={
-        "console_scripts": [
-            "fairseq-hash-user-dir=fairseq_hash.cli.user_dir:main",
-            "fairseq-hash-prepare=fairseq_hash.cli.prepare:main",
-            "fairseq-hash-demo=fairseq_hash.cli.demo:main",
-            "fairseq-hash-help=fairseq_hash.cli.flags:main",
-            "fairseq-hash-compare=fairseq_hash.cli.compare:main",
-            "fairseq-hash-table=fairseq_hash.cli.hash_table:main",
-            "fairseq-hash-report=fairseq_hash.cli.report:main",
-            "fairseq-hash-study=fairseq_hash.cli.hash_study:main",
-            "fairseq-hash-bench=fairseq_hash.cli.bench:main",
-            "fairseq-hash-upcycle=fairseq_hash.cli.upcycle:main",
-            "fairseq-hash-finetune=fairseq_hash.cli.finetune:main",
-        ],
-    },
+    # the console scripts, from the one table that fairseq_runner also reads
+    entry_points={"console_scripts": [f"{name}={module}:main" for name, module in TOOLS.items()]},
 )

@@ -7,6 +7,9 @@ from . import safe_globals  # noqa: E402,F401  (before fairseq loads any checkpo
 from .errors import install_excepthook, running_as_command  # noqa: E402
 # registers the hash functions, models, criterion and optimizer
 from . import criterions, hashing, models, optim  # noqa: E402,F401
+from .distributed_checkpoints import install_checkpoint_loading  # noqa: E402
+
+install_checkpoint_loading()  # sharded checkpoints, before fairseq loads any
 
 # only fairseq's tools and ours: importing the plugin leaves a program's own hook
 if running_as_command():

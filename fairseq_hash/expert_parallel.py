@@ -1,6 +1,6 @@
 """Expert parallelism: a hash layer's K experts spread over the ranks of a group.
 
-    layout = expert_layout(num_experts=16, parallel_size=None)   # None on one process
+    layout = expert_layout(parallel_size=2)      # on each of W ranks, W divisible by 2
     exchange = AllToAllExchange(layout)
     y = exchange(x, indices, weights, experts)   # experts hold this rank's K/P experts
 
@@ -42,10 +42,11 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.moe.moe_layer import _AllToAll
 
-from .errors import HashConfigError
-from .experts import to_device
+from .grouped_mm import to_device
+from .route import LayerPlan
 
 logger = logging.getLogger(__name__)
+
 
 # fairseq's --ddp-backend values that leave ``param.expert`` parameters to us:
 # legacy_ddp skips them; PyTorch's DDP is told to ignore them (see below)
@@ -66,26 +67,6 @@ class ExpertLayout:
         return self.rank % self.parallel_size
 
 
-def default_parallel_size(num_experts: int, world_size: int) -> int:
-    """P = W when W divides K (K/W experts a rank); P = K when K divides W."""
-    if num_experts % world_size == 0:
-        return world_size
-    if world_size % num_experts == 0:
-        return num_experts
-    raise HashConfigError(
-        f"--hash-experts {num_experts} and a world of {world_size} ranks: neither divides "
-        f"the other; set --moe-expert-parallel-size P to a P that divides both"
-    )
-
-
-def check_parallel_size(num_experts: int, world_size: int, parallel_size: int):
-    if parallel_size < 1 or num_experts % parallel_size or world_size % parallel_size:
-        raise HashConfigError(
-            f"--moe-expert-parallel-size {parallel_size} must divide both --hash-experts "
-            f"{num_experts} and the world size {world_size}"
-        )
-
-
 @functools.lru_cache(maxsize=None)
 def _groups(world_size: int, parallel_size: int):
     """Every expert group and replica group, created in the same order on all ranks
@@ -97,20 +78,15 @@ def _groups(world_size: int, parallel_size: int):
     return expert_groups, replica_groups
 
 
-def expert_layout(num_experts: int, parallel_size: int = 0) -> Optional[ExpertLayout]:
-    """The layout for this process, or None on one process (nothing to spread)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        if parallel_size and parallel_size > 1:
-            raise HashConfigError(
-                f"--moe-expert-parallel-size {parallel_size} needs {parallel_size} or more "
-                f"ranks; this is one process"
-            )
-        return None
+def world_size() -> int:
+    """Ranks of the data-parallel world (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def expert_layout(parallel_size: int) -> ExpertLayout:
+    """This rank's layout with experts spread over groups of ``parallel_size`` ranks
+    (``HashLayerSpec.parallel_size_for`` chooses and checks it)."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    if parallel_size:
-        check_parallel_size(num_experts, world, parallel_size)
-    else:
-        parallel_size = default_parallel_size(num_experts, world)
     expert_groups, replica_groups = _groups(world, parallel_size)
     return ExpertLayout(
         world_size=world, rank=rank, parallel_size=parallel_size,
@@ -118,14 +94,6 @@ def expert_layout(num_experts: int, parallel_size: int = 0) -> Optional[ExpertLa
         replica_group=(replica_groups[rank % parallel_size]
                        if world > parallel_size else None),
     )
-
-
-def check_ddp_backend(backend: Optional[str]):
-    if backend is not None and backend not in EXPERT_SAFE_BACKENDS:
-        raise HashConfigError(
-            f"--ddp-backend {backend} cannot keep hash-layer experts correct on several "
-            f"ranks; use --ddp-backend legacy_ddp (CPU or GPU) or pytorch_ddp (GPU)"
-        )
 
 
 def _inside_no_sync(wrapper: Optional[torch.nn.Module]) -> bool:
@@ -333,9 +301,9 @@ class AllToAllExchange:
         self.exact = exact
         self.last_sizes = None  # ExchangeSizes of the last forward (benchmarks read it)
 
-    def sizes(self, flat: torch.Tensor, experts, plan=None) -> ExchangeSizes:
+    def sizes(self, flat: torch.Tensor, experts, plan: Optional[LayerPlan] = None) -> ExchangeSizes:
         """The exchange's sizes: a hash layer's from its plan, else one all-gather and one read."""
-        P, L = self.layout.parallel_size, experts.num_experts
+        P, L = self.layout.parallel_size, experts.bins
         if plan is not None:
             everyone = plan.everyone
         else:  # a learned router decides in the layer
@@ -343,10 +311,10 @@ class AllToAllExchange:
             everyone = gather_counts(counts, self.layout).tolist()  # [P][E]
         return ExchangeSizes(everyone, self.layout.shard, L)
 
-    def __call__(self, x, indices, weights, experts, plan=None):
+    def __call__(self, x, indices, weights, experts, plan: Optional[LayerPlan] = None):
         # x: [S, d]; indices: [S, k] global ids in [0, E), E = P * local experts;
         # a dropped slot (or a padding position's) carries id E and goes nowhere
-        P, L = self.layout.parallel_size, experts.num_experts
+        P, L = self.layout.parallel_size, experts.bins
         S, k = indices.shape
         device = x.device
         flat = indices.reshape(-1)

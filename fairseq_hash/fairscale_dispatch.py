@@ -24,9 +24,9 @@ class DecidedGate(nn.Module):
     """fairscale's gate contract, ``x -> (l_aux, combine [S,E,C], dispatch [S,E,C])``,
     for routing decided beforehand (``decide`` is called before each forward)."""
 
-    def __init__(self, num_experts: int, group):
+    def __init__(self, total_bins: int, group):
         super().__init__()
-        self.num_experts, self.group = num_experts, group
+        self.total_bins, self.group = total_bins, group
         self.indices = self.weights = None
 
     def decide(self, indices, weights, capacity=None):
@@ -34,7 +34,7 @@ class DecidedGate(nn.Module):
         self.indices, self.weights, self.capacity = indices, weights, capacity
 
     def forward(self, x):
-        indices, (S, k), E = self.indices, self.indices.shape, self.num_experts
+        indices, (S, k), E = self.indices, self.indices.shape, self.total_bins
         flat = indices.reshape(-1)  # [S*k]; dropped slots carry E
         counts = torch.bincount(flat, minlength=E + 1)[:E]
         capacity = self.capacity
@@ -72,7 +72,7 @@ class LocalExpert(nn.Module):
 
     def forward(self, chunk):
         rows = chunk.reshape(-1, chunk.size(-1)).to(self.ffn.fc1_weight.dtype)
-        counts = [0] * self.ffn.num_experts
+        counts = [0] * self.ffn.bins
         counts[self.slot] = rows.size(0)
         return self.ffn(rows, counts).to(chunk.dtype).view(chunk.shape)
 
@@ -80,18 +80,18 @@ class LocalExpert(nn.Module):
 class FairscaleExchange:
     def __init__(self, layout, experts):
         self.layout = layout  # read by the MoE layer, the decoder's plan and checkpoints
-        E = layout.parallel_size * experts.num_experts
+        E = layout.parallel_size * experts.bins
         self.gate = DecidedGate(E, layout.group)
         self.moe = MOELayer(self.gate, nn.ModuleList(
-            [LocalExpert(experts, slot) for slot in range(experts.num_experts)]), layout.group)
+            [LocalExpert(experts, slot) for slot in range(experts.bins)]), layout.group)
 
     def __call__(self, x, indices, weights, experts, plan=None):
-        S, L = x.size(0), experts.num_experts
+        S, L = x.size(0), experts.bins
         pad = (-S) % L  # MOELayer asks for a multiple of the local experts
         if pad:  # padding rows are dispatched nowhere
             x = torch.cat([x, x.new_zeros(pad, x.size(1))])
             indices = torch.cat([indices, indices.new_full((pad, indices.size(1)),
-                                                           self.gate.num_experts)])
+                                                           self.gate.total_bins)])
             if weights is not None:
                 weights = torch.cat([weights, weights.new_zeros(pad, weights.size(1))])
         capacity = max(max(row) for row in plan.everyone) if plan is not None else None
@@ -102,4 +102,4 @@ class FairscaleExchange:
         y = self.moe(x.float().unsqueeze(1)).squeeze(1).to(x.dtype)  # [S', 1, d]: 3 dims
         if plan is not None:  # a hash layer drops nothing but its padding
             return y[:S], plan.padding
-        return y[:S], int((indices[:S] >= self.gate.num_experts).sum())
+        return y[:S], int((indices[:S] >= self.gate.total_bins).sum())

@@ -1,7 +1,11 @@
 """Dispatch: sort tokens by expert, run each expert on its slice, unsort.
 
     moe = MoELayer(router, ExpertFFN(K, d, f))
-    y = moe(x, route_inputs)   # x: [..., d] -> y: [..., d]
+    y = moe(x, RouteInputs.from_tokens(tokens, pad, eos))   # x: [..., d] -> y: [..., d]
+
+Inside a model, fairseq's layer calls ``moe(x)`` and the token context comes
+from ``moe.route`` (a :class:`~fairseq_hash.route.Route`), which the model
+sets around each forward pass.
 
 Dropless and index-based: one stable sort of the S*k (token, slot) pairs by
 expert id, one gather into expert order, one grouped FFN over contiguous
@@ -16,45 +20,36 @@ autograd's own backward of a gather would scatter-add into a zeroed ``[S, d]``
 tensor.
 
 A hash layer's routing depends on the token ids alone, so its dispatch is
-planned before the layers run (:func:`plan_hash_dispatch`): the per-expert
-counts of every hash layer, of every rank of an expert group where experts are
-spread, reach the host in one read per forward pass, and the layers, their
-backward and any ``--checkpoint-activations`` recomputation read nothing from
-the device. Padding positions go to no expert (their output is zero; fairseq
-masks them out of attention and the loss). Learned routers choose from the
-hidden state, so their layer reads its counts itself, once.
+planned before the layers run (:func:`plan_hash_dispatch`, a ``LayerPlan``
+in the route): the per-expert counts of every hash layer, of every rank of an
+expert group where experts are spread, reach the host in one read per forward
+pass, and the layers, their backward and a ``--checkpoint-activations``
+recomputation read nothing from the device. Padding positions go to no expert
+(their output is zero; fairseq masks them out of attention and the loss).
+Learned routers choose from the hidden state, so their layer reads its counts
+itself, once.
 """
-from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.nn as nn
 
-from .experts import ExpertFFN, ExpertRows
+from .experts import ExpertFFN
+from .grouped_mm import ExpertRows
 from .hashing import RouteInputs
+from .route import LayerPlan, Route
 from .routers import HashRouter
 
 
-@dataclass
-class HashDispatchPlan:
-    """One hash layer's dispatch in one forward pass, known on the host."""
-
-    indices: torch.Tensor  # [S, k] global expert ids; padding slots carry E (go nowhere)
-    counts: List[int]  # [E] this rank's (token, slot) pairs of each expert
-    device_counts: torch.Tensor  # [E] the same, on the device
-    everyone: Optional[List[List[int]]] = None  # [P][E] each rank of the expert group's counts
-    padding: int = 0  # slots of padding positions
-
-
-def plan_hash_dispatch(moes: List["MoELayer"], route: RouteInputs) -> List[HashDispatchPlan]:
+def plan_hash_dispatch(moes: List["MoELayer"], inputs: RouteInputs) -> List[LayerPlan]:
     """Plans of hash layers that share a layout, with one read from the device.
 
     Each layer's counts come from its table lookup on the device; where experts
     are spread over ranks, one all-gather exchanges every layer's counts at
     once, and a single ``tolist`` brings them all to the host.
     """
-    indices = [moe.hash_indices(route) for moe in moes]  # [S, k] each
-    width = max(moe.num_experts for moe in moes) + 1  # the last bucket: padding
+    indices = [moe.hash_indices(inputs) for moe in moes]  # [S, k] each
+    width = max(moe.total_bins for moe in moes) + 1  # the last bucket: padding
     counts = torch.stack([torch.bincount(i.reshape(-1), minlength=width) for i in indices])
     layout = next((moe.exchange.layout for moe in moes if moe.exchange is not None), None)
     if layout is not None:
@@ -67,8 +62,8 @@ def plan_hash_dispatch(moes: List["MoELayer"], route: RouteInputs) -> List[HashD
     me = layout.shard if layout is not None else 0
     plans = []
     for n, (moe, idx) in enumerate(zip(moes, indices)):
-        E = moe.num_experts
-        plans.append(HashDispatchPlan(
+        E = moe.total_bins
+        plans.append(LayerPlan(
             indices=idx, counts=host[me][n][:E], device_counts=counts[n, :E],
             everyone=[rank[n][:E] for rank in host] if layout is not None else None,
             padding=host[me][n][E]))
@@ -95,6 +90,8 @@ class MoELayer(nn.Module):
     Args:
         router (nn.Module): maps ``([S, d], RouteInputs)`` to a RouterOutput
         experts (ExpertFFN): the K expert FFNs
+        exchange: sends tokens to the ranks of their experts and back
+            (expert_parallel.AllToAllExchange); None on one process
     """
 
     def __init__(self, router: nn.Module, experts: ExpertFFN, exchange=None):
@@ -105,42 +102,43 @@ class MoELayer(nn.Module):
         # (expert_parallel.AllToAllExchange); None on one process
         self.exchange = exchange
         self.parallel_size = getattr(getattr(exchange, "layout", None), "parallel_size", 1)
-        self.route_inputs = None  # set by the model around each forward
-        self.plan = None  # HashDispatchPlan of this forward, where the model planned it
+        self.route: Optional[Route] = None  # of the running forward pass, set by the model
         self.aux_loss = None  # of the last forward, read by the criterion
         self.last_indices = None  # of the last forward, read by routing reports
         self.num_dropped = 0
 
     @property
-    def num_experts(self) -> int:
-        """Experts the router chooses among (all ranks' together)."""
-        return self.experts.num_experts * self.parallel_size
+    def total_bins(self) -> int:
+        """Expert ids the router's indices range over, all ranks' together (K, or K*N
+        narrow experts under MultiHash); a dropped slot is sent to id ``total_bins``."""
+        return self.experts.bins * self.parallel_size
 
     @property
     def plans_ahead(self) -> bool:
         """Whether the router's choice depends on the token ids alone (a hash)."""
         return isinstance(self.router, HashRouter)
 
-    def hash_indices(self, route: RouteInputs) -> torch.Tensor:
+    def hash_indices(self, inputs: RouteInputs) -> torch.Tensor:
         """``[S, k]`` experts of a hash router, padding positions past the last expert."""
-        indices = self.router(None, route).indices
-        pad = route.pad.transpose(0, 1).reshape(-1, 1)  # fairseq's [T, B] order
-        return indices.masked_fill(pad, self.num_experts)
+        indices = self.router(None, inputs).indices
+        pad = inputs.pad.transpose(0, 1).reshape(-1, 1)  # fairseq's [T, B] order
+        return indices.masked_fill(pad, self.total_bins)
 
-    def forward(self, x: torch.Tensor, route: RouteInputs = None) -> torch.Tensor:
-        route = route if route is not None else self.route_inputs
-        plan = self.plan
-        if plan is None and self.plans_ahead:
-            plan = plan_hash_dispatch([self], route)[0]  # a layer used on its own
+    def forward(self, x: torch.Tensor, inputs: Optional[RouteInputs] = None) -> torch.Tensor:
+        """``inputs``, where given, route this call; else ``self.route`` does."""
+        route = Route(inputs) if inputs is not None else self.route or Route(None)
+        plan = route.plan
+        if plan is None and self.plans_ahead and route.inputs is not None:
+            plan = plan_hash_dispatch([self], route.inputs)[0]  # a layer used on its own
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [S, d]
-        out = self.router(x, route)
+        out = self.router(x, route.inputs)
         indices = out.indices  # [S, k]
         if plan is not None:
             indices = plan.indices
         elif out.dropped is not None:
             # a dropped slot is computed nowhere: route it past the last expert
-            indices = indices.masked_fill(out.dropped, self.num_experts)
+            indices = indices.masked_fill(out.dropped, self.total_bins)
         if self.exchange is not None:
             y, dropped = self.exchange(x, indices, out.weights, self.experts, plan)
         else:
@@ -150,10 +148,10 @@ class MoELayer(nn.Module):
         self.num_dropped = dropped - (plan.padding if plan is not None else 0)
         return y.view(shape)
 
-    def dispatch(self, x, indices, weights, plan: Optional[HashDispatchPlan] = None):
+    def dispatch(self, x, indices, weights, plan: Optional[LayerPlan] = None):
         """On one process: sort (token, slot) pairs by expert, compute, combine."""
         S, k = indices.shape
-        E = self.experts.num_experts
+        E = self.experts.bins
         flat = indices.reshape(-1)  # [S*k]
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs in expert order
         if plan is not None:

@@ -1,7 +1,7 @@
 """MultiHash (``--hash-count N``): N hashes each choose one segment of the FFN.
 
     router = MultiHashRouter(hash_fn, table, K, fingerprint)   # table gives [B, T, N]
-    experts = SegmentedExpertFFN(K, d, f, num_segments=N)      # f divisible by N
+    experts = SegmentedExpertFFN(K, d, f, num_hashes=N)        # f divisible by N
     moe = MoELayer(router, experts)
 
 The K experts are the K FFNs of the plain hash layer. fc1's f output units and
@@ -16,20 +16,9 @@ exactly those of ``--hash-count 1``, and a state dict has the same shapes.
 import torch
 import torch.nn.functional as F
 
-from .errors import HashConfigError
-from .experts import ExpertFFN, ExpertRows, grouped_linear
+from .experts import ExpertFFN, grouped_linear
+from .grouped_mm import ExpertRows
 from .routers import HashRouter, RouterOutput
-
-
-def check_hash_count(num_hashes: int, ffn_dim: int):
-    if num_hashes < 1:
-        raise HashConfigError(f"--hash-count {num_hashes}: must be at least 1")
-    if ffn_dim % num_hashes:
-        valid = [n for n in range(1, min(ffn_dim, 16) + 1) if ffn_dim % n == 0]
-        raise HashConfigError(
-            f"--hash-count {num_hashes} must divide the FFN width "
-            f"--decoder-ffn-embed-dim {ffn_dim}; valid counts include {valid}"
-        )
 
 
 class MultiHashRouter(HashRouter):
@@ -43,24 +32,29 @@ class MultiHashRouter(HashRouter):
         return out
 
     @property
-    def num_segments(self):
+    def num_hashes(self) -> int:
         return self.table.size(1) // self.hash_fn.columns_per_hash
 
 
 class SegmentedExpertFFN(ExpertFFN):
     """K expert FFNs of width f seen as K*N narrow experts of width f/N.
 
-    ``num_experts`` is K*N (what the dispatch counts); ``num_ffns`` is K. The
+    ``local_experts`` and ``total_experts`` count FFNs, as in ExpertFFN;
+    ``bins`` (what the dispatch counts) is ``local_experts * N``. The
     parameters are the plain ``[K, f, d]`` / ``[K, d, f]`` stacks; segment m of
     expert e is rows ``m*f/N:(m+1)*f/N`` of fc1 and the same columns of fc2.
     """
 
-    def __init__(self, num_experts, embed_dim, ffn_dim, num_segments, **kwargs):
-        check_hash_count(num_segments, ffn_dim)
-        super().__init__(num_experts, embed_dim, ffn_dim, **kwargs)
-        self.num_ffns = self.num_experts  # held here
-        self.num_segments = num_segments
-        self.num_experts = self.num_ffns * num_segments
+    def __init__(self, total_experts, embed_dim, ffn_dim, num_hashes, **kwargs):
+        if num_hashes < 1 or ffn_dim % num_hashes:
+            raise ValueError(f"{num_hashes} segments do not split an FFN of width {ffn_dim}")
+        super().__init__(total_experts, embed_dim, ffn_dim, **kwargs)
+        self.num_hashes = num_hashes
+
+    @property
+    def bins(self) -> int:
+        """The narrow experts of rows this module computes: N segments of each local expert."""
+        return self.local_experts * self.num_hashes
 
     def segments(self):
         """The narrow experts' weights, views of the parameters (no copy).
@@ -70,7 +64,7 @@ class SegmentedExpertFFN(ExpertFFN):
         f/N]`` would copy all of fc2 on every forward). fc2's bias ``[K, N,
         d]`` is zero but for segment 0, which adds it once a token.
         """
-        n, (k, f, d) = self.num_segments, self.fc1_weight.shape
+        n, (k, f, d) = self.num_hashes, self.fc1_weight.shape
         w1 = self.fc1_weight.view(k * n, f // n, d)
         b1 = self.fc1_bias.view(k * n, f // n)
         w2 = self.fc2_weight.view(k, d, n, f // n).transpose(1, 2)

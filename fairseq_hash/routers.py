@@ -5,8 +5,10 @@ positions) to a :class:`RouterOutput`; it knows nothing of dispatch. The MoE
 layer sorts tokens by ``indices``, runs the experts and combines the k outputs
 of each token, weighted by ``weights`` where a router gives them.
 
-    router = HashRouter(hash_fn, table)                 # no parameters
-    out = router(x, route_inputs)                       # x: [S, d]
+    hash_fn = build_hash_function("balanced", 16)
+    table = hash_fn.build_table(dictionary, 16, num_hashes=1, seed=1)  # [R, 1]
+    router = HashRouter(hash_fn, table, 16, dictionary_fingerprint(dictionary))
+    out = router(x, inputs)    # x: [S, d], inputs: RouteInputs of the S positions
     out.indices  # [S, k] expert ids; out.weights: [S, k] or None; out.aux_loss
 
 The learned baselines the paper compares against (``--router``) follow the
@@ -73,10 +75,11 @@ class HashRouter(nn.Module):
         self.missing_file = missing_file
 
     @classmethod
-    def awaiting_checkpoint(cls, hash_fn, num_experts, dict_fingerprint, hash_file, count=1,
+    def awaiting_checkpoint(cls, hash_fn, num_experts, dict_fingerprint, hash_file, choices=1,
                             **kwargs):
-        """A router whose ``--hash-file`` is gone: usable once a checkpoint gives its table."""
-        table = torch.zeros(0, count * hash_fn.columns_per_hash, dtype=torch.long)
+        """A router whose ``--hash-file`` is gone: usable once a checkpoint gives its table
+        (``choices``: a token's N hashes or k experts, the table's columns per hash)."""
+        table = torch.zeros(0, choices * hash_fn.columns_per_hash, dtype=torch.long)
         return cls(hash_fn, table, num_experts, dict_fingerprint, missing_file=hash_file, **kwargs)
 
     def missing_table_error(self) -> HashConfigError:
@@ -133,16 +136,14 @@ class HashRouter(nn.Module):
                 f"--hash-experts is {self.num_experts}"
             )
 
-    def saved_hash_type(self, state_dict, prefix: str) -> str:
-        """The ``--hash-type`` that built the checkpoint's table under ``prefix``.
+    def add_missing_hash_type(self, state_dict, prefix: str):
+        """Give a checkpoint from before the ``--hash-type`` was recorded this router's
+        type under ``prefix``, so that it loads."""
+        state_dict.setdefault(f"{prefix}.hash_type_id", self.hash_type_id.clone())
 
-        A checkpoint from before the type was recorded is taken to hold this
-        router's type, and is given it so that it loads.
-        """
-        key = f"{prefix}.hash_type_id"
-        if key not in state_dict:
-            state_dict[key] = self.hash_type_id.clone()
-        saved = int(state_dict[key][0])
+    def saved_hash_type(self, state_dict, prefix: str) -> str:
+        """The ``--hash-type`` that built the checkpoint's table under ``prefix``."""
+        saved = int(state_dict[f"{prefix}.hash_type_id"][0])
         names = [n for n in HASH_REGISTRY if hash_type_id(n) == saved]
         return names[0] if names else f"unknown ({saved:015x})"
 
@@ -333,7 +334,7 @@ class BaseRouter(nn.Module):
         return expert[:S].to(self.centroids.device)
 
 
-ROUTERS = ("hash", "switch", "top2", "base")
+ROUTERS = ("hash", "switch", "top2", "base")  # --router's values
 
 
 def build_learned_router(name: str, embed_dim: int, num_experts: int,
@@ -341,8 +342,4 @@ def build_learned_router(name: str, embed_dim: int, num_experts: int,
     """A learned router by its ``--router`` name (``hash`` is built from a table)."""
     if name == "switch":
         return SwitchRouter(embed_dim, num_experts, capacity_factor)
-    if name == "top2":
-        return Top2Router(embed_dim, num_experts)
-    if name == "base":
-        return BaseRouter(embed_dim, num_experts)
-    raise HashConfigError(f"--router {name!r} is unknown; valid: {', '.join(ROUTERS)}")
+    return {"top2": Top2Router, "base": BaseRouter}[name](embed_dim, num_experts)

@@ -24,19 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import HashConfigError
-
 SCORES = ("none", "softmax", "sigmoid", "sqrt-softplus")
-
-
-def check_score(score: str, topk: int, scale: float):
-    if score not in SCORES:
-        raise HashConfigError(f"--hash-score {score!r} is unknown; valid: {', '.join(SCORES)}")
-    if score == "softmax" and topk == 1:
-        raise HashConfigError("--hash-score softmax over --hash-topk 1 expert is always 1; use "
-                              "sigmoid or sqrt-softplus, or --hash-topk 2 or more")
-    if not scale > 0:
-        raise HashConfigError(f"--hash-score-scale {scale}: must be positive")
 
 
 class HashScoreGate(nn.Module):
@@ -52,7 +40,7 @@ class HashScoreGate(nn.Module):
     def __init__(self, embed_dim: int, num_experts: int, score: str, scale: float = 1.0):
         super().__init__()
         if score not in SCORES[1:]:
-            raise HashConfigError(f"--hash-score {score!r}: a gate needs one of {', '.join(SCORES[1:])}")
+            raise ValueError(f"score {score!r}: a gate needs one of {', '.join(SCORES[1:])}")
         self.score = score
         self.scale = scale
         self.weight = nn.Parameter(torch.zeros(num_experts, embed_dim))  # [K, d]

@@ -1,8 +1,8 @@
 """Shared experts (``--hash-shared-experts N``): dense FFNs every token passes through.
 
-    shared = SharedExperts(num_experts=1, embed_dim=512, ffn_dim=1024)
+    shared = SharedExperts(num_shared=1, embed_dim=512, ffn_dim=1024)
     moe = SharedExpertMoELayer(router, experts, shared)
-    y = moe(x, route_inputs)   # routed experts' combined output + shared(x)
+    y = moe(x, inputs)   # routed experts' combined output + shared(x)
 
 As in DeepSeek's MoE layers, the N shared experts are computed as one dense
 FFN of width N * f: N FFNs of width f whose outputs are summed are exactly
@@ -14,27 +14,26 @@ expert parallelism each rank computes them on its own tokens).
 import torch
 import torch.nn as nn
 
-from .errors import HashConfigError
 from .moe_layer import MoELayer
 
 
 class SharedExperts(nn.Module):
-    """``fc2(act(fc1(x)))`` of width ``num_experts * ffn_dim``.
+    """``fc2(act(fc1(x)))`` of width ``num_shared * ffn_dim``.
 
     Args:
-        num_experts (int): N, the number of shared experts
+        num_shared (int): N, the number of shared experts
         embed_dim (int): d
         ffn_dim (int): hidden width of each shared expert
     """
 
-    def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int):
+    def __init__(self, num_shared: int, embed_dim: int, ffn_dim: int):
         super().__init__()
-        if num_experts < 1 or ffn_dim < 1:
-            raise HashConfigError(f"--hash-shared-experts {num_experts} with --hash-shared-ffn-dim "
-                                  f"{ffn_dim}: both must be at least 1")
-        self.num_experts = num_experts
-        self.fc1 = nn.Linear(embed_dim, num_experts * ffn_dim)
-        self.fc2 = nn.Linear(num_experts * ffn_dim, embed_dim)
+        if num_shared < 1 or ffn_dim < 1:
+            raise ValueError(f"{num_shared} shared experts of width {ffn_dim}: both must be "
+                             f"at least 1")
+        self.num_shared = num_shared
+        self.fc1 = nn.Linear(embed_dim, num_shared * ffn_dim)
+        self.fc2 = nn.Linear(num_shared * ffn_dim, embed_dim)
 
     def forward(self, x, activation_fn, activation_dropout):
         # x: [..., d] -> [..., N * f] -> [..., d]
@@ -53,6 +52,6 @@ class SharedExpertMoELayer(MoELayer):
         super().__init__(router, experts, exchange)
         self.shared = shared
 
-    def forward(self, x: torch.Tensor, route=None) -> torch.Tensor:
-        routed = super().forward(x, route)
+    def forward(self, x: torch.Tensor, inputs=None) -> torch.Tensor:
+        routed = super().forward(x, inputs)
         return routed + self.shared(x, self.experts.activation_fn, self.experts.activation_dropout)

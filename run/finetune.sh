@@ -11,4 +11,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/run/setup.sh"
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
-exec "$ROOT/.venv/bin/python" -m fairseq_hash.cli.finetune "$@"
+exec "$ROOT/.venv/bin/fairseq-hash-finetune" "$@"

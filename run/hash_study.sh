@@ -10,4 +10,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/run/setup.sh"
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
-exec "$ROOT/.venv/bin/python" -m fairseq_hash.cli.hash_study "$@"
+exec "$ROOT/.venv/bin/fairseq-hash-study" "$@"

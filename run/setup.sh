@@ -8,7 +8,7 @@ PY="${PYTHON:-python3.11}"
 STAMP="$VENV/.fairseq-hash-setup"
 # Bump when run/constraints.txt or the installs below change, so existing venvs
 # are brought up to date.
-SETUP_VERSION=3
+SETUP_VERSION=5
 
 if ! command -v "$PY" >/dev/null 2>&1; then
   echo "run/setup.sh: $PY not found; install Python 3.11 or set PYTHON=/path/to/python3.11" >&2

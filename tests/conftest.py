@@ -1,9 +1,11 @@
-"""Shared helpers: a tiny corpus, fairseq's command-line tools in a subprocess."""
+"""Shared helpers: a tiny corpus, fairseq's command-line tools in a subprocess; the test tiers."""
 import json
+import multiprocessing
 import os
 import random
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -101,3 +103,66 @@ def trained(tmp_path_factory, data_bin):
     proc = run([tool("fairseq-train"), data_bin, "--user-dir", user_dir(), *TINY_MODEL,
                 *TINY_TRAIN, "--max-update", "40", "--save-dir", save])
     return save, proc.stdout + proc.stderr
+
+
+# ---- test tiers: `-m unit` for the edit-test loop, `-m integration` for the rest ----
+# A test is `integration` when it, a fixture it uses, or a helper of tests/ it calls
+# starts another process (a subprocess, fairseq's command-line tools, several ranks);
+# every other test is `unit`. A test file may mark a test itself to override this.
+
+def _spawners():
+    return {id(obj) for obj in (subprocess, multiprocessing, run, preprocess, tool)}
+
+
+def _starts_processes(func, seen):
+    """Whether func's code names a process starter, directly or through helpers of tests/."""
+    code = getattr(func, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    spawners = _spawners()
+    names, stack = set(), [code]
+    while stack:  # nested functions and lambdas too
+        c = stack.pop()
+        names.update(c.co_names)
+        stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    for name in names:
+        obj = func.__globals__.get(name)
+        if obj is None:
+            continue
+        if id(obj) in spawners or getattr(obj, "__name__", "") in ("run_fairseq", "torch.multiprocessing"):
+            return True
+        if isinstance(obj, types.FunctionType) and _in_tests(obj) and _starts_processes(obj, seen):
+            return True
+    return False
+
+
+def _in_tests(func):
+    return os.path.dirname(os.path.abspath(func.__code__.co_filename)) == os.path.dirname(__file__)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("unit") or item.get_closest_marker("integration"):
+            continue
+        seen = set()
+        fixtures = item._fixtureinfo.name2fixturedefs
+        uses_processes = _starts_processes(getattr(item, "function", None), seen) or any(
+            _starts_processes(defs[-1].func, seen) for name, defs in fixtures.items()
+            if name != "_unit_tests_start_no_process" and _in_tests(defs[-1].func))
+        slow = item.get_closest_marker("slow") is not None
+        item.add_marker("integration" if uses_processes or slow else "unit")
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request, monkeypatch):
+    """Keeps the unit tier fast: a unit test that starts a process fails and says why."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process: mark it "
+                             "@pytest.mark.integration (tests/conftest.py marks it unit)")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)

@@ -21,10 +21,10 @@ def main():
                             world_size=world)
     from fairseq.data import Dictionary
 
-    from ep_worker import layer_args, tokens_of
+    from ep_worker import layer_spec, tokens_of
     from fairseq_hash.expert_parallel import ExpertGradientSync
     from fairseq_hash.hashing import RouteInputs
-    from fairseq_hash.models.hash_decoder import build_hash_moe
+    from fairseq_hash.moe_factory import build_hash_moe
 
     reduces = []
     all_reduce = dist.all_reduce
@@ -39,7 +39,7 @@ def main():
         dictionary.add_symbol(f"w{i}")
     torch.manual_seed(0)
     replicas = case in ("once", "every")  # P = 1: every expert on both ranks
-    moe = build_hash_moe(layer_args("hash", "alltoall", 1 if replicas else 0), dictionary, 0,
+    moe = build_hash_moe(layer_spec("hash", "alltoall", 1 if replicas else 0), dictionary, 0,
                          8, 16, sync_gradients=False)
     embed = nn.Linear(8, 8)  # a shared parameter in front of the layer: the anchor
     sync = ExpertGradientSync(moe.layout)

@@ -6,17 +6,17 @@ Each rank builds the same MoE layer (experts spread over the ranks as
 fairseq-train would spread them), runs its own tokens forward and backward,
 and saves what it computed to OUT.RANK.pt for the test to compare.
 """
-import argparse
 import sys
 
 import torch
 import torch.distributed as dist
 
 
-def layer_args(router, dispatch, parallel_size):
-    return argparse.Namespace(hash_experts=4, hash_type="random", hash_seed=1, router=router,
-                              capacity_factor=1.25, hash_count=1, hash_file=None,
-                              moe_expert_parallel_size=parallel_size, moe_dispatch=dispatch)
+def layer_spec(router, dispatch, parallel_size):
+    from fairseq_hash.spec import HashLayerSpec
+
+    return HashLayerSpec(total_experts=4, hash_type="random", router=router,
+                         parallel_size=parallel_size, dispatch=dispatch)
 
 
 def tokens_of(rank, S=24, d=8):
@@ -32,7 +32,7 @@ def main():
     from fairseq.data import Dictionary
 
     from fairseq_hash.hashing import RouteInputs
-    from fairseq_hash.models.hash_decoder import build_hash_moe
+    from fairseq_hash.moe_factory import build_hash_moe
 
     dictionary = Dictionary()
     for i in range(30):
@@ -46,7 +46,7 @@ def main():
                                "exact": ("hash", "alltoall-exact", 1),
                                "exact-top2": ("top2", "alltoall-exact", 1),
                                "replicas": ("hash", "alltoall", 3)}[case]
-    moe = build_hash_moe(layer_args(router, dispatch, 1 if case == "replicas" else 0),
+    moe = build_hash_moe(layer_spec(router, dispatch, 1 if case == "replicas" else 0),
                          dictionary, 0, 8, 16).to(dtype)
     moe.eval()  # learned routers: no capacity, no noise, so every path routes alike
     for step in range(steps):

@@ -28,6 +28,7 @@ def train_with(data_bin, save_dir, *extra):
     (["--hash-experts", "1"], "--hash-experts 1: must be at least 2"),
     (["--hash-type", "md5"], "--hash-type 'md5' is unknown; valid:"),
     (["--hash-topk", "2", "--hash-count", "2"], "--hash-topk 2 with --hash-count 2"),
+    (["--hash-expert-ffn-dim", "-8"], "--hash-expert-ffn-dim -8: must be a positive width"),
 ])
 def test_bad_flag_gives_one_line_and_keeps_existing_checkpoint(trained, data_bin, tmp_path, flags, expected):
     save, _ = trained

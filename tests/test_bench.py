@@ -1,14 +1,13 @@
 """fairseq-hash-bench runs at a tiny size, writes valid JSON, and compares
 implementations that compute the same thing. No timing is asserted."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from fairseq_hash.cli import bench, bench_layer
+from fairseq_hash.cli.bench import layer as bench_layer, layer_cases, main as bench
 
 TINY = ["--tokens", "64", "--experts", "2", "4", "--embed-dim", "8", "--ffn-dim", "16",
         "--repeat", "1", "--threads", "1"]
@@ -23,18 +22,9 @@ def test_layer_benchmark_writes_a_json_row_per_implementation_and_size(tmp_path)
         assert {"impl", "experts", "tokens", "ms", "peak_mb"} <= set(row)
         assert row["ms"] > 0 and row["tokens"] == 64
         assert row["peak_mb"] is None or row["peak_mb"] >= 0
-    expected = {"dense", "floor", "hash", "naive", "fairscale"} | set(bench_layer.LEARNED_ROUTERS)
+    expected = {"dense", "floor", "hash", "naive", "fairscale"} | set(layer_cases.LEARNED_ROUTERS)
     for K in (2, 4):
         assert {r["impl"] for r in rows if r["experts"] == K} >= expected
-
-
-def test_help_gives_a_sentence_for_every_flag(capsys):
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--help"])
-    text = capsys.readouterr().out
-    for flag in ("--tokens", "--experts", "--embed-dim", "--ffn-dim", "--dtype", "--device",
-                 "--repeat", "--json", "--train"):
-        assert flag in text
 
 
 def outputs_and_expert_grads(impl, S, d):
@@ -52,8 +42,8 @@ def outputs_and_expert_grads(impl, S, d):
 
 def test_hash_naive_and_fairscale_route_and_compute_alike():
     S, K, d, f = 96, 4, 8, 16
-    built, notes = bench_layer.build_case(["hash", "naive", "fairscale"], S, K, d, f,
-                                    torch.float32, CPU)
+    built, notes = layer_cases.build_case(["hash", "naive", "fairscale"], S, K, d, f,
+                                          torch.float32, CPU)
     assert not notes
     ref = outputs_and_expert_grads(built["hash"], S, d)
     for name in ("naive", "fairscale"):
@@ -67,7 +57,7 @@ def test_hash_naive_and_fairscale_route_and_compute_alike():
 def test_hash_activation_memory_does_not_grow_with_experts():
     saved = []
     for K in (2, 16):
-        built, _ = bench_layer.build_case(["hash"], 256, K, 16, 32, torch.float32, CPU)
+        built, _ = layer_cases.build_case(["hash"], 256, K, 16, 32, torch.float32, CPU)
         saved.append(bench_layer.measure_memory(built["hash"], CPU)[1])
     assert saved[0] == saved[1] > 0
 
@@ -79,17 +69,18 @@ def test_a_router_that_cannot_be_built_is_skipped_with_a_note(monkeypatch):
         raise LookupError(f"no {name} router here")
 
     monkeypatch.setattr(routers, "build_learned_router", unavailable)
-    built, notes = bench_layer.build_case(["hash", "switch"], 32, 2, 8, 16, torch.float32, CPU)
+    built, notes = layer_cases.build_case(["hash", "switch"], 32, 2, 8, 16, torch.float32, CPU)
     assert "hash" in built and "switch" not in built and "switch" in notes["switch"]
 
 
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory):
-    from fairseq_hash.cli.prepare import prepare
+    from fairseq_hash.cli.data.prepare import prepare
 
     return prepare(str(tmp_path_factory.mktemp("bench_data")), max_lines=300)
 
 
+@pytest.mark.integration  # runs fairseq-train inside bench.run
 def test_train_mode_reports_words_per_second_for_dense_and_hash_with_each_optimizer(
         tmp_path, data_bin):
     path = tmp_path / "train.json"
@@ -119,7 +110,7 @@ def test_a_learned_router_is_benchmarked_with_gradients_reaching_its_gate(monkey
             return routers.RouterOutput(indices=index[:, None], weights=weight[:, None])
 
     monkeypatch.setattr(routers, "SwitchRouter", SwitchRouter, raising=False)
-    built, notes = bench_layer.build_case(["switch"], 32, 4, 8, 16, torch.float32, CPU)
+    built, notes = layer_cases.build_case(["switch"], 32, 4, 8, 16, torch.float32, CPU)
     assert not notes
     built["switch"].step()
     assert built["switch"].modules[0].router.gate.weight.grad is not None
@@ -135,10 +126,10 @@ def test_bfloat16_layer_benchmark_runs_hash_and_notes_fairscales_float32_cast(tm
     assert "skipped fairscale" in caplog.text
 
 
-def test_train_phases_script_prints_each_phase_of_an_update(data_bin):
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "train_phases.py")
+def test_train_phases_benchmark_prints_each_phase_of_an_update(data_bin):
     out = subprocess.run(
-        [sys.executable, script, data_bin, "--arch", "hash_transformer_lm", "--hash-experts", "2",
+        [sys.executable, "-m", "fairseq_hash.cli.bench.phases", data_bin,
+         "--arch", "hash_transformer_lm", "--hash-experts", "2",
          "--decoder-layers", "1", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32",
          "--decoder-attention-heads", "2", "--tokens-per-sample", "64", "--max-tokens", "256",
          "--updates", "3", "--skip", "1"],
@@ -150,13 +141,14 @@ def test_train_phases_script_prints_each_phase_of_an_update(data_bin):
 
 def test_cpu_peak_memory_holds_both_hidden_activations_of_a_dense_ffn():
     S, f = 1024, 256
-    built, _ = bench_layer.build_case(["dense"], S, 2, 64, f, torch.float32, CPU)
+    built, _ = layer_cases.build_case(["dense"], S, 2, 64, f, torch.float32, CPU)
     built["dense"].step()
     peak_mb, _ = bench_layer.measure_memory(built["dense"], CPU)
     # fc1's output and relu's output ([S, f] float32 each) are alive together
     assert peak_mb >= 2 * S * f * 4 / 2**20
 
 
+@pytest.mark.integration  # starts 2 ranks inside bench.run
 def test_two_rank_layer_benchmark_times_both_exchanges_and_counts_the_traffic(tmp_path):
     out = tmp_path / "ranks.json"
     rows = bench.run(["--ranks", "2", "--experts", "4", "--tokens", "32", "--repeat", "1",
@@ -183,6 +175,7 @@ def test_rows_on_the_wire_padding_goes_nowhere_and_the_exact_exchange_sends_what
             assert r["padded_now"] < r["padded_before"]
 
 
+@pytest.mark.integration  # starts 2 ranks inside bench.run
 def test_two_rank_count_gathers_are_timed_for_all_layers_and_per_layer():
     rows = bench.run(["--ranks", "2", "--counts", "--experts", "8", "--layers", "3"])
     assert {r["setting"] for r in rows} == {"one gather for all layers", "one gather a layer"}

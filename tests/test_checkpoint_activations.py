@@ -1,6 +1,8 @@
 """--checkpoint-activations: the backward recomputes hash layers with the routing of their forward."""
+import functools
 import os
 
+import pytest
 import torch
 
 from conftest import TINY_MODEL, TINY_TRAIN, json_logs, run, tool, user_dir
@@ -51,3 +53,42 @@ def test_fairseq_train_trains_with_checkpoint_activations(data_bin, tmp_path):
     loss = [r["loss"] for r in json_logs(proc.stdout + proc.stderr, "train_inner")]
     assert len(loss) >= 2 and all(l == l for l in loss) and loss[-1] < loss[0]
     assert os.path.exists(tmp_path / "checkpoint_last.pt")
+
+
+def test_fairseqs_checkpoint_wrapper_has_the_layout_the_route_relies_on():
+    """models/fairseq_surgery.py reads this layout; a fairseq that changes it fails here."""
+    from fairseq.modules.checkpoint_activations import _checkpointed_forward, checkpoint_wrapper
+
+    layer = checkpoint_wrapper(torch.nn.Linear(2, 2))
+    assert isinstance(layer.forward, functools.partial)
+    assert layer.forward.func is _checkpointed_forward
+    assert layer.forward.args == (layer.precheckpoint_forward, False)
+
+
+def test_the_recomputation_in_backward_replays_the_forwards_argument():
+    from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+
+    from fairseq_hash.models.fairseq_surgery import around_own_forward
+
+    layer = checkpoint_wrapper(torch.nn.Linear(2, 2))
+    seen = []
+
+    def wrap(own):
+        def tagged(x, tag=None):
+            seen.append(tag)
+            return own(x)
+        return tagged
+
+    call = around_own_forward(layer, wrap)
+    call(torch.randn(3, 2, requires_grad=True), tag="first").sum().backward()
+    assert seen == ["first", "first"]  # the forward, then its recomputation
+
+
+def test_a_checkpoint_wrapper_of_another_layout_is_refused():
+    from fairseq_hash.models.fairseq_surgery import around_own_forward
+
+    layer = torch.nn.Linear(2, 2)
+    layer.precheckpoint_forward = layer.forward
+    layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward)
+    with pytest.raises(RuntimeError, match="checkpoint_wrapper is not partial"):
+        around_own_forward(layer, lambda own: own)

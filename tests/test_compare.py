@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from fairseq_hash.cli import compare
+from fairseq_hash.cli.experiments import compare
 
 
 def test_compare_writes_results_with_a_row_per_model(data_bin, tmp_path, capsys):
@@ -17,11 +17,14 @@ def test_compare_writes_results_with_a_row_per_model(data_bin, tmp_path, capsys)
                          "--tokens-per-sample", "32", "--max-tokens", "256",
                          "--optimizer", "fused_adamw"])
     assert code == 0
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
     assert [r["name"] for r in rows] == models
+    # the data path relative to the output folder: no folder of this machine in the results
+    assert results["settings"]["data"] == os.path.relpath(data_bin, out)
     for r in rows:
         assert r["ok"] and r["test_ppl"] > 1 and r["valid_ppl"] > 1, r
-        assert [u for u, _ in r["curve"]] == [2, 4]
+        assert [u for u, *_ in r["curve"]] == [2, 4]
         run_dir = out / "runs" / r["name"] / "seed1"
         train_log = (run_dir / "train.log").read_text()
         assert "--optimizer fused_adamw" in train_log.splitlines()[0]  # the command it ran
@@ -90,7 +93,7 @@ def test_seeds_give_each_model_a_mean_and_standard_deviation_and_a_curve_relativ
     hash_row = rows[1]
     assert hash_row["seeds"] == [1, 2]
     assert hash_row["test_ppl"] == 70.0 and abs(hash_row["test_ppl_sd"] - 8 ** 0.5) < 1e-9
-    assert hash_row["curve"] == [(2, 100.0), (4, 78.5)]
+    assert [(u, m) for u, m, _ in hash_row["curve"]] == [(2, 100.0), (4, 78.5)]
     # seed by seed over dense: update 2: 0.9 and 1.0; update 4: 0.95 and 0.9
     (u2, mean2, sd2), (u4, mean4, _) = hash_row["relative_curve"]
     assert (u2, u4) == (2, 4) and abs(mean2 - 0.95) < 1e-9 and abs(mean4 - 0.925) < 1e-9

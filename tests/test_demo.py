@@ -1,6 +1,6 @@
 """The main job, shrunk: corpus -> sentencepiece -> data-bin -> train -> eval -> samples."""
 from conftest import run, tool
-from fairseq_hash.cli.prepare import builtin_corpus_lines
+from fairseq_hash.cli.data.corpus import builtin_corpus_lines
 
 
 def test_builtin_corpus_is_deterministic_and_not_empty():

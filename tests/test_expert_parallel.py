@@ -53,8 +53,16 @@ def losses(proc):
                                                                   "train_inner")]
 
 
+def whole_model(path):
+    """The model of a one-file or sharded checkpoint, every expert row in place."""
+    from fairseq_hash.distributed_checkpoints import expert_shards
+
+    state = expert_shards.resolve_shards(torch.load(path, mmap=True), path)
+    return expert_shards.consolidated(state)["model"]
+
+
 def assert_same_weights(a, b, rel=1e-5):
-    a, b = torch.load(a)["model"], torch.load(b)["model"]
+    a, b = whole_model(a), whole_model(b)
     assert a.keys() == b.keys()
     for key, value in a.items():
         assert value.shape == b[key].shape, key
@@ -91,8 +99,8 @@ def test_two_ranks_train_the_model_one_rank_trains_with_update_freq_2(one_rank, 
     (one, one_losses), (two, two_losses) = one_rank, two_ranks
     assert len(two_losses) >= 5
     assert two_losses == one_losses[:len(two_losses)]
-    # the file holds all 4 experts of each layer, gathered from both ranks
-    assert torch.load(os.path.join(two, "checkpoint_last.pt"))["model"][
+    # the checkpoint holds all 4 experts of each layer, 2 from each rank
+    assert whole_model(os.path.join(two, "checkpoint_last.pt"))[
         "decoder.layers.0.fc1.experts.fc1_weight"].size(0) == 4
     assert_same_weights(os.path.join(one, "checkpoint1.pt"),
                         os.path.join(two, "checkpoint_last.pt"))
@@ -143,15 +151,15 @@ def single_process_reference(router, ranks):
     """The same layer on one process, over both ranks' tokens."""
     from fairseq.data import Dictionary
 
-    from ep_worker import layer_args
+    from ep_worker import layer_spec
     from fairseq_hash.hashing import RouteInputs
-    from fairseq_hash.models.hash_decoder import build_hash_moe
+    from fairseq_hash.moe_factory import build_hash_moe
 
     dictionary = Dictionary()
     for i in range(30):
         dictionary.add_symbol(f"w{i}")
     torch.manual_seed(0)
-    moe = build_hash_moe(layer_args(router, "alltoall", 0), dictionary, 0, 8, 16)
+    moe = build_hash_moe(layer_spec(router, "alltoall", 0), dictionary, 0, 8, 16)
     moe.load_state_dict({f"router.{k}": v for k, v in ranks[0]["router"].items()}, strict=False)
     moe.eval()
     x = torch.cat([r["x"] for r in ranks]).requires_grad_()
@@ -237,5 +245,5 @@ def test_fairscale_dispatch_trains_and_saves_every_expert(data_bin, tmp_path):
     save = str(tmp_path / "fairscale")
     proc = train_on_two_ranks(data_bin, save, "--max-update", "3", "--moe-dispatch", "fairscale")
     assert len(losses(proc)) == 3
-    model = torch.load(os.path.join(save, "checkpoint_last.pt"))["model"]
+    model = whole_model(os.path.join(save, "checkpoint_last.pt"))
     assert model["decoder.layers.0.fc1.experts.fc1_weight"].size(0) == 4

@@ -4,15 +4,16 @@ import threading
 import pytest
 import torch
 
-from fairseq_hash import experts
-from fairseq_hash.experts import ExpertFFN, for_expert_groups
+from fairseq_hash import expert_threads
+from fairseq_hash.expert_threads import for_expert_groups
+from fairseq_hash.experts import ExpertFFN
 
 
 @pytest.fixture
 def four_threads(monkeypatch):
     """The process runs 4 intra-op threads; a fresh pool of expert workers."""
     monkeypatch.delenv("FAIRSEQ_HASH_EXPERT_THREADS", raising=False)
-    monkeypatch.setattr(experts, "_POOL", None)
+    monkeypatch.setattr(expert_threads, "_POOL", None)
     before = torch.get_num_threads()
     torch.set_num_threads(4)
     yield
@@ -50,12 +51,12 @@ def test_each_group_computes_with_its_share_of_the_threads(four_threads):
 def test_decoding_steps_with_varying_experts_build_no_new_pool(four_threads, monkeypatch):
     built = []
 
-    class CountedPool(experts.ThreadPoolExecutor):
+    class CountedPool(expert_threads.ThreadPoolExecutor):
         def __init__(self, *args, **kwargs):
             built.append(args)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(experts, "ThreadPoolExecutor", CountedPool)
+    monkeypatch.setattr(expert_threads, "ThreadPoolExecutor", CountedPool)
     torch.manual_seed(0)
     ffn = ExpertFFN(8, 8, 16).eval()
     # one token a sentence of a beam: 1 to 4 experts receive tokens, step after step

@@ -3,7 +3,8 @@ import sys
 
 import torch
 
-from fairseq_hash.cli import fairseq_runner, hash_study
+from fairseq_hash.cli import fairseq_runner
+from fairseq_hash.cli.experiments import hash_study
 from fairseq_hash.cli.fairseq_runner import fairseq_argv, read_log, run_fairseq
 
 LOG = """\

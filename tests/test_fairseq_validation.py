@@ -1,4 +1,4 @@
-"""What fairseq's validation covers: the fact behind README's note and compare's captions."""
+"""What fairseq's validation covers: the fact behind the note in docs/fairseq-notes.md and compare's captions."""
 import os
 import re
 

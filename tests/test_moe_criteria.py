@@ -33,6 +33,7 @@ def parse(argv):
     return options.parse_args_and_arch(options.get_training_parser(), list(map(str, argv)))
 
 
+@pytest.mark.integration  # fairseq-preprocess'd data, fetched by name below, and fairseq training
 @pytest.mark.parametrize("criterion", list(CASES))
 def test_training_loss_is_the_criterion_plus_the_weighted_aux_loss(request, criterion):
     fixture, model_flags, extra = CASES[criterion]

@@ -1,5 +1,4 @@
 """MultiHash (--hash-count N): N hashes, each choosing one segment of the FFN."""
-import argparse
 import os
 
 import pytest
@@ -11,15 +10,14 @@ from hashfns_util import (HASHFNS_TINY, hashfns_corpus, hashfns_data_dir, hashfn
 from fairseq_hash.errors import HashConfigError
 from fairseq_hash.experts import ExpertFFN
 from fairseq_hash.hashing import RouteInputs
-from fairseq_hash.models.hash_decoder import build_hash_moe
+from fairseq_hash.moe_factory import build_hash_moe
 from fairseq_hash.multihash import MultiHashRouter, SegmentedExpertFFN
 from fairseq_hash.routers import HashRouter
+from fairseq_hash.spec import HashLayerSpec
 
 
-def moe_args(**kw):
-    base = dict(hash_experts=4, hash_type="random", hash_seed=1, hash_layer="0", hash_count=1)
-    base.update(kw)
-    return argparse.Namespace(**base)
+def layer_spec(**kw):
+    return HashLayerSpec(**{"total_experts": 4, "hash_type": "random", **kw})
 
 
 def test_count_one_is_exactly_the_plain_hash_layer(tmp_path):
@@ -48,7 +46,7 @@ def test_two_hashes_have_the_parameters_of_one(tmp_path):
 
 def reference_multihash(x, experts: SegmentedExpertFFN, chosen):
     """The definition, token by token: segment m of expert chosen[s, m], concatenated."""
-    n = experts.num_segments
+    n = experts.num_hashes
     f = experts.fc1_weight.size(1)
     width = f // n
     out = []
@@ -66,7 +64,7 @@ def reference_multihash(x, experts: SegmentedExpertFFN, chosen):
 @pytest.mark.parametrize("count", [2, 4])
 def test_segments_concatenate_before_fc2(count):
     d = hashfns_dictionary()
-    moe = build_hash_moe(moe_args(hash_count=count), d, 0, 8, 16)
+    moe = build_hash_moe(layer_spec(num_hashes=count), d, 0, 8, 16)
     tokens = torch.randint(d.nspecial, len(d), (2, 5))
     x = torch.randn(5, 2, 8)  # [T, B, d]
     with torch.no_grad():
@@ -79,7 +77,7 @@ def test_segments_concatenate_before_fc2(count):
 
 def test_gradients_equal_those_of_the_per_token_definition():
     d = hashfns_dictionary()
-    moe = build_hash_moe(moe_args(hash_count=2), d, 0, 8, 16)
+    moe = build_hash_moe(layer_spec(num_hashes=2), d, 0, 8, 16)
     tokens = torch.randint(d.nspecial, len(d), (2, 5))
     x = torch.randn(5, 2, 8, requires_grad=True)
     weights = [x, *moe.experts.parameters()]
@@ -93,7 +91,7 @@ def test_gradients_equal_those_of_the_per_token_definition():
 
 
 def test_fc2_segments_are_views_of_fc2_not_a_copy():
-    experts = SegmentedExpertFFN(4, 8, 16, num_segments=2)
+    experts = SegmentedExpertFFN(4, 8, 16, num_hashes=2)
     w1, _, w2, _ = experts.segments()
     assert w1.data_ptr() == experts.fc1_weight.data_ptr()
     assert w2.data_ptr() == experts.fc2_weight.data_ptr()
@@ -102,7 +100,7 @@ def test_fc2_segments_are_views_of_fc2_not_a_copy():
 
 def test_a_dense_ffn_loaded_into_every_expert_gives_the_dense_output():
     d = hashfns_dictionary()
-    moe = build_hash_moe(moe_args(hash_count=2), d, 0, 8, 16)
+    moe = build_hash_moe(layer_spec(num_hashes=2), d, 0, 8, 16)
     fc1, fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
     moe.experts.load_dense(fc1, fc2)
     tokens = torch.randint(d.nspecial, len(d), (2, 5))
@@ -114,7 +112,7 @@ def test_a_dense_ffn_loaded_into_every_expert_gives_the_dense_output():
 
 def test_changing_one_segments_hash_changes_the_output():
     d = hashfns_dictionary()
-    moe = build_hash_moe(moe_args(hash_count=2), d, 0, 8, 16)
+    moe = build_hash_moe(layer_spec(num_hashes=2), d, 0, 8, 16)
     tokens = torch.tensor([[7, 8, 7, 9]])
     route = RouteInputs.from_tokens(tokens, d.pad(), d.eos())
     x = torch.randn(4, 1, 8)
@@ -128,7 +126,7 @@ def test_changing_one_segments_hash_changes_the_output():
 
 def test_gradients_flow_to_each_chosen_segment_only():
     d = hashfns_dictionary()
-    moe = build_hash_moe(moe_args(hash_count=2), d, 0, 8, 16)
+    moe = build_hash_moe(layer_spec(num_hashes=2), d, 0, 8, 16)
     moe.router.table.zero_()
     moe.router.table[:, 1] = 3  # every token: segment 0 of expert 0, segment 1 of expert 3
     tokens = torch.randint(d.nspecial, len(d), (2, 5))
@@ -142,15 +140,15 @@ def test_gradients_flow_to_each_chosen_segment_only():
 
 def test_width_that_does_not_divide_is_a_clear_error():
     with pytest.raises(HashConfigError, match="--hash-count 3 must divide.*16"):
-        build_hash_moe(moe_args(hash_count=3), hashfns_dictionary(), 0, 8, 16)
+        layer_spec(num_hashes=3).validate(ffn_dim=16)
     with pytest.raises(HashConfigError, match="--hash-count 0"):
-        build_hash_moe(moe_args(hash_count=0), hashfns_dictionary(), 0, 8, 16)
+        layer_spec(num_hashes=0).validate(ffn_dim=16)
 
 
 def test_hashes_of_multihash_are_different_tables():
     d = hashfns_dictionary(200)
     for name in ("random", "balanced", "previous", "position"):
-        moe = build_hash_moe(moe_args(hash_type=name, hash_count=2, hash_experts=8), d, 0, 8, 16)
+        moe = build_hash_moe(layer_spec(hash_type=name, num_hashes=2, total_experts=8), d, 0, 8, 16)
         table = moe.router.table
         assert not torch.equal(table[:, 0], table[:, 1]), name
 

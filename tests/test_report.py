@@ -80,7 +80,7 @@ def test_hash_study_writes_its_table_and_plot(tmp_path):
     lines = [" ".join(rng.choices(words, k=rng.randint(5, 15))) for _ in range(800)]
     text.write_text("\n".join(lines) + "\n")
     work = tmp_path / "study"
-    proc = hashfns_run(["python", "-m", "fairseq_hash.cli.hash_study", text, "--quick",
+    proc = hashfns_run(["python", "-m", "fairseq_hash.cli.experiments.hash_study", text, "--quick",
                         "--work-dir", work, "--runs", "dense,balanced,clustered", "--updates", 2,
                         "--validate-every", 1, "--vocab-size", 100])
     table = (work / "results.md").read_text()

@@ -1,5 +1,4 @@
 """Top-k hash routing (--hash-topk), learned scores (--hash-score), shared experts."""
-import argparse
 
 import pytest
 import torch
@@ -10,24 +9,22 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from hashfns_util import hashfns_data_dir, hashfns_dictionary, hashfns_model, hashfns_tokens
 from fairseq_hash.embedding_tables import disperse
 from fairseq_hash.errors import HashConfigError
-from fairseq_hash.experts import ExpertFFN
 from fairseq_hash.hashing import (HASH_REGISTRY, RouteInputs, build_hash_function, expected_load,
                                   token_counts)
-from fairseq_hash.models.hash_decoder import build_hash_moe, replace_ffn
+from fairseq_hash.models.fairseq_surgery import replace_ffn
+from fairseq_hash.moe_factory import build_hash_moe
 from fairseq_hash.moe_layer import MoELayer
-from fairseq_hash.routers import HashRouter
+from fairseq_hash.route import Route
 from fairseq_hash.scores import HashScoreGate
+from fairseq_hash.spec import HashLayerSpec
 from fairseq_hash.table_file import load_table_file
 
 BUILT_TYPES = sorted(set(HASH_REGISTRY) - {"clustered", "dispersed"})
 SCORES = ["softmax", "sigmoid", "sqrt-softplus"]
 
 
-def moe_args(**kw):
-    base = dict(hash_experts=4, hash_type="random", hash_seed=1, hash_layer="0", hash_count=1,
-                hash_topk=2, hash_score="none", hash_score_scale=1.0)
-    base.update(kw)
-    return argparse.Namespace(**base)
+def layer_spec(**kw):
+    return HashLayerSpec(**{"total_experts": 4, "hash_type": "random", "topk": 2, **kw})
 
 
 def route(d, tokens):
@@ -83,7 +80,7 @@ def test_top_1_with_score_none_is_the_plain_hash_layer_bit_for_bit(tmp_path):
 
 def test_score_none_averages_the_k_experts():
     d = hashfns_dictionary()
-    moe = build_hash_moe(moe_args(), d, 0, 8, 16)
+    moe = build_hash_moe(layer_spec(), d, 0, 8, 16)
     tokens = torch.randint(d.nspecial, len(d), (2, 5))
     x = torch.randn(5, 2, 8)
     with torch.no_grad():
@@ -123,18 +120,16 @@ def test_the_gate_sees_only_the_hashed_experts(score):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (dict(hash_topk=5), "--hash-topk 5: must lie in"),
-    (dict(hash_count=2), "--hash-topk 2 with --hash-count 2"),
-    (dict(hash_score="cosine"), "--hash-score 'cosine' is unknown"),
-    (dict(hash_score="sigmoid", hash_score_scale=0.0), "--hash-score-scale 0.0"),
-    (dict(hash_topk=1, hash_score="softmax"), "--hash-score softmax over --hash-topk 1 expert"),
+    (dict(topk=5), "--hash-topk 5: must lie in"),
+    (dict(num_hashes=2), "--hash-topk 2 with --hash-count 2"),
+    (dict(score="cosine"), "--hash-score 'cosine' is unknown"),
+    (dict(score="sigmoid", score_scale=0.0), "--hash-score-scale 0.0"),
+    (dict(topk=1, score="softmax"), "--hash-score softmax over --hash-topk 1 expert"),
     (dict(router="switch"), "--hash-topk and --hash-score need --router hash"),
 ])
 def test_bad_top_k_flags_are_one_line_errors(flags, message):
-    from fairseq_hash.models.hash_decoder import check_hash_args
-
     with pytest.raises(HashConfigError, match=message):
-        check_hash_args(moe_args(**{"router": "hash", **flags}))
+        layer_spec(**flags).validate()
 
 
 def expert_ffn(experts, e, x):
@@ -161,7 +156,7 @@ def reference_scored(x, moe, indices, score, scale):
 def test_gradients_reach_the_gate_and_match_a_per_token_loop(score):
     torch.manual_seed(0)
     d = hashfns_dictionary()
-    moe = build_hash_moe(moe_args(hash_score=score, hash_score_scale=1.5), d, 0, 8, 16)
+    moe = build_hash_moe(layer_spec(score=score, score_scale=1.5), d, 0, 8, 16)
     with torch.no_grad():
         moe.router.gate.weight.normal_()
     tokens = torch.randint(d.nspecial, len(d), (2, 6))
@@ -180,7 +175,7 @@ def test_gradients_reach_the_gate_and_match_a_per_token_loop(score):
 
 
 def test_gate_weights_are_shared_parameters():
-    moe = build_hash_moe(moe_args(hash_score="sigmoid", hash_shared_experts=1), hashfns_dictionary(),
+    moe = build_hash_moe(layer_spec(score="sigmoid", shared_experts=1), hashfns_dictionary(),
                          0, 8, 16)
     assert not getattr(moe.router.gate.weight, "expert", False)
     assert not any(getattr(p, "expert", False) for p in moe.shared.parameters())
@@ -196,7 +191,7 @@ def test_shared_experts_alone_equal_a_dense_ffn_with_the_same_weights():
     dense = TransformerDecoderLayerBase(cfg, no_encoder_attn=True)
     torch.manual_seed(0)
     hashed = TransformerDecoderLayerBase(cfg, no_encoder_attn=True)
-    moe = build_hash_moe(moe_args(hash_score="softmax", hash_shared_experts=1), d, 0, 16, 32)
+    moe = build_hash_moe(layer_spec(score="softmax", shared_experts=1), d, 0, 16, 32)
     with torch.no_grad():
         moe.shared.fc1.load_state_dict(hashed.fc1.state_dict())
         moe.shared.fc2.load_state_dict(hashed.fc2.state_dict())
@@ -204,7 +199,7 @@ def test_shared_experts_alone_equal_a_dense_ffn_with_the_same_weights():
         moe.experts.fc2_bias.zero_()
     replace_ffn(hashed, moe)
     tokens = torch.randint(d.nspecial, len(d), (3, 7))
-    moe.route_inputs = route(d, tokens)
+    moe.route = Route(route(d, tokens))
     x = torch.randn(7, 3, 16)
     mask = torch.triu(torch.full((7, 7), float("-inf")), 1)
     want, _, _ = dense(x, self_attn_mask=mask)
@@ -351,7 +346,7 @@ def build_function_table(d):
 
 
 def test_the_compare_models_hash_top2_and_hash_shared_build_as_named(tmp_path):
-    from fairseq_hash.cli.compare import MODELS
+    from fairseq_hash.cli.experiments.compare import MODELS
 
     data = hashfns_data_dir(str(tmp_path))
     top2, _ = hashfns_model(data, *MODELS["hash-top2"])

@@ -1,4 +1,5 @@
 """fairseq-hash-upcycle: dense checkpoints of each family become hash checkpoints."""
+import io
 import os
 import sys
 
@@ -8,7 +9,6 @@ import torch
 import fairseq_hash  # noqa: F401  (lets torch.load read fairseq's argparse checkpoints)
 from conftest import TINY_MODEL, TINY_TRAIN, json_logs, run, tool, user_dir
 from models_util import TINY_ROBERTA, TINY_SEQ2SEQ, seq2seq_data
-from test_bad_input import error_line
 
 HASH_VALUED = {"--hash-experts", "--hash-layer", "--encoder-hash-layer", "--decoder-hash-layer"}
 
@@ -41,6 +41,15 @@ FAMILIES = {
 
 def upcycle_cmd(*args):
     return [sys.executable, "-m", "fairseq_hash.cli.upcycle", *map(str, args)]
+
+
+def error_line(proc):
+    """The one line a failed fairseq-hash-upcycle prints."""
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("fairseq-hash-upcycle: error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +144,33 @@ def test_bad_upcycle_flags_give_one_line_and_write_nothing(dense_checkpoints, tm
     line = error_line(run(upcycle_cmd(ckpt, *flags, "--output", out), check=False))
     assert expected in line
     assert os.listdir(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("kind", ["truncated", "not a checkpoint"])
+def test_a_file_that_is_no_checkpoint_gives_one_line_naming_it_and_keeps_what_exists(
+        dense_checkpoints, tmp_path, kind):
+    _, ckpt = dense_checkpoints["transformer_lm"]
+    broken = str(tmp_path / "broken.pt")
+    with open(ckpt, "rb") as f:
+        whole = f.read()
+    if kind == "truncated":  # as a copy or a full disk leaves it
+        content = whole[:len(whole) // 2]
+    else:
+        buffer = io.BytesIO()
+        torch.save({"weights": torch.zeros(2)}, buffer)
+        content = buffer.getvalue()
+    with open(broken, "wb") as f:
+        f.write(content)
+    out = str(tmp_path / "hash.pt")
+    line = error_line(run(upcycle_cmd(broken, "--hash-layer", "-1", "--output", out), check=False))
+    assert line.startswith(f"fairseq-hash-upcycle: error: {broken}: not a")
+    assert sorted(os.listdir(str(tmp_path))) == ["broken.pt"]
+    assert open(broken, "rb").read() == content
+
+
+def test_an_existing_output_is_refused_and_kept(dense_checkpoints, tmp_path):
+    _, ckpt = dense_checkpoints["transformer_lm"]
+    out = tmp_path / "hash.pt"
+    out.write_bytes(b"kept")
+    line = error_line(run(upcycle_cmd(ckpt, "--hash-layer", "-1", "--output", out), check=False))
+    assert f"--output {out} exists" in line and out.read_bytes() == b"kept"

@@ -16,8 +16,10 @@ import os
 import sys
 import time
 
+from ..errors import HashConfigError
+from .command import command
 from .fairseq_runner import run_fairseq, shell_line
-from .prepare import prepare
+from .data.prepare import prepare
 from .tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS
 from .user_dir import user_dir
 
@@ -36,10 +38,7 @@ def run_logged(tool, args, log_path, commands_file):
                 "Saved checkpoint", "num. model params", "rror")):
             sys.stdout.write(line)
 
-    done = run_fairseq(tool, args, log_path, show)
-    if not done.ok:
-        raise SystemExit(f"fairseq-hash-demo: error: {tool} failed; see {log_path}")
-    return done
+    return run_fairseq(tool, args, log_path, show).checked()
 
 
 def mean_wps(train):
@@ -101,6 +100,7 @@ def sample(save_dir, data_bin, spm_model, n_prompts, out_path):
     return lines
 
 
+@command("fairseq-hash-demo")
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fairseq-hash-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("text", nargs="*", help="text files to train on (default: the built-in "
@@ -135,8 +135,8 @@ def main(argv=None):
     out = os.path.abspath(args.output_dir)
     save_dir = os.path.join(out, "checkpoints")
     if os.path.exists(os.path.join(save_dir, "checkpoint_last.pt")):
-        raise SystemExit(f"fairseq-hash-demo: error: {save_dir} already holds a trained model; "
-                         f"choose another --output-dir or delete it")
+        raise HashConfigError(f"{save_dir} already holds a trained model; choose another "
+                              "--output-dir or delete it")
     os.makedirs(out, exist_ok=True)
     started = time.time()
     print(f"[1/4] corpus, sentencepiece and fairseq-preprocess -> {out}/data", flush=True)
@@ -190,4 +190,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

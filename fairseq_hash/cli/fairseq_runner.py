@@ -4,9 +4,10 @@
     run.records("valid")        # fairseq's --log-format json lines: [{"valid_ppl": 77.0, ...}]
     run.parameters()            # {"shared": 1952256, "expert": 1975680}
     run.eval_lm_perplexity()    # fairseq-eval-lm's final perplexity
+    run.checked()               # run, or HashConfigError: "fairseq-train failed (LAST LINE); see LOG"
 
 Every tool runs as ``python -m fairseq_cli.NAME`` (ours, ``fairseq-hash-NAME``,
-as ``python -m fairseq_hash.cli.NAME``) under this interpreter, so it works
+as ``python -m`` its module in tools.py) under this interpreter, so it works
 whether or not the tools' scripts are on PATH. The log file starts
 with ``# `` and the command as a shell line, then holds everything the tool
 printed. fairseq-train's numbers come from its ``--log-format json`` lines;
@@ -22,7 +23,9 @@ import subprocess
 import sys
 from typing import Callable, List, Optional
 
+from ..errors import HashConfigError
 from .tool_env import tool_env
+from .tools import TOOLS
 
 _JSON_LINE = re.compile(r"\| ([a-z_]+(?: on '\w+' subset)?) \| (\{.*\})\s*$")
 _PARAMS_LINE = re.compile(r"num\. (shared|expert) model params: ([\d,]+)")
@@ -32,9 +35,7 @@ _EVAL_LM_LINE = re.compile(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+|inf|
 def fairseq_argv(tool: str, args) -> List[str]:
     """``fairseq-eval-lm`` -> ``[python, -m, fairseq_cli.eval_lm, *args]``;
     ``fairseq-hash-upcycle`` -> ``[python, -m, fairseq_hash.cli.upcycle, *args]``."""
-    package, name = (("fairseq_hash.cli.", tool[len("fairseq-hash-"):])
-                     if tool.startswith("fairseq-hash-") else ("fairseq_cli.", tool[len("fairseq-"):]))
-    module = package + name.replace("-", "_")
+    module = TOOLS.get(tool) or "fairseq_cli." + tool[len("fairseq-"):].replace("-", "_")
     return [sys.executable, "-m", module, *map(str, args)]
 
 
@@ -74,6 +75,13 @@ class FairseqRun:
     def last_line(self) -> str:
         text = "".join(self.lines[-3:]).strip().splitlines()
         return text[-1] if text else ""
+
+    def checked(self, what: str = "") -> "FairseqRun":
+        """This run, or a one-line error naming the tool, its last line and its log."""
+        if not self.ok:
+            raise HashConfigError(f"{self.tool}{' ' + what if what else ''} failed "
+                                  f"({self.last_line()}); see {self.log_path}")
+        return self
 
 
 def json_record(line: str):

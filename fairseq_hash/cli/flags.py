@@ -7,8 +7,13 @@ architecture of hash_transformer_lm, hash_transformer or hash_roberta), and
 those of ``--optimizer fused_adamw``.
 """
 import argparse
+import sys
+
+from ..errors import HashConfigError
+from .command import command
 
 
+@command("fairseq-hash-help")
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fairseq-hash-help", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="hash_transformer_lm",
@@ -19,8 +24,8 @@ def main(argv=None):
     from fairseq.dataclass.utils import gen_parser_from_dataclass
     from fairseq.models import ARCH_MODEL_NAME_REGISTRY
 
-    from fairseq_hash.models.hash_layers import (EncoderDecoderHashConfig, EncoderHashConfig,
-                                                 HashLayerConfig)
+    from fairseq_hash.models.config import (EncoderDecoderHashConfig, EncoderHashConfig,
+                                            HashLayerConfig)
     from fairseq_hash.optim.fused_adamw import FusedAdamWConfig
 
     configs = {"hash_transformer_lm": HashLayerConfig, "hash_transformer": EncoderDecoderHashConfig,
@@ -28,8 +33,8 @@ def main(argv=None):
     model = ARCH_MODEL_NAME_REGISTRY.get(args.arch)
     if model not in configs:
         hash_archs = sorted(a for a, m in ARCH_MODEL_NAME_REGISTRY.items() if m in configs)
-        raise SystemExit(f"fairseq-hash-help: error: --arch {args.arch} is not a hash-layer "
-                         f"architecture; valid: {', '.join(hash_archs)}")
+        raise HashConfigError(f"--arch {args.arch} is not a hash-layer architecture; valid: "
+                              f"{', '.join(hash_archs)}")
     flags = argparse.ArgumentParser(
         prog=f"fairseq-train DATA --user-dir $(fairseq-hash-user-dir) --arch {args.arch}",
         add_help=False, usage=argparse.SUPPRESS)
@@ -41,4 +46,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

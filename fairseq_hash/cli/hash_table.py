@@ -18,9 +18,10 @@ import os
 import sys
 
 from ..embedding_tables import embedding_table
-from ..errors import HashConfigError, install_excepthook
+from ..errors import HashConfigError
 from ..hashing import HASH_REGISTRY, build_hash_function, expected_load, token_counts
 from ..table_file import fingerprint_hex, save_table_file
+from .command import command
 
 EMBEDDING_KEY = "decoder.embed_tokens.weight"
 
@@ -87,7 +88,8 @@ def build(args):
     return table, dictionary, source + f", {args.hashes} hash(es)"
 
 
-def main(argv=None):
+def make_table(argv=None):
+    """``fairseq-hash-table`` as a function: writes the table; bad input raises HashConfigError."""
     parser = argparse.ArgumentParser(prog="fairseq-hash-table", description=__doc__.split("\n\n")[0])
     parser.add_argument("type", choices=sorted(HASH_REGISTRY) + ["fingerprint"],
                         help="hash type of the table; 'fingerprint' prints the fingerprint "
@@ -109,25 +111,21 @@ def main(argv=None):
                         help="k-means clusters (default: --experts); clustered maps cluster c "
                         "to expert c mod K")
     args = parser.parse_args(argv)
-    install_excepthook()
-    try:
-        if args.type == "fingerprint":
-            if not args.data:
-                raise HashConfigError("fingerprint needs --data (a data-bin folder)")
-            print(fingerprint_hex(load_dictionary(args.data)))
-            return
-        if args.experts is None or args.experts < 2:
-            raise HashConfigError(f"--experts {args.experts}: give the number of experts, at least 2")
-        if args.hashes < 1:
-            raise HashConfigError(f"--hashes {args.hashes}: must be at least 1")
-        if not 1 <= args.topk <= args.experts or (args.topk > 1 and args.hashes > 1):
-            raise HashConfigError(f"--topk {args.topk}: must lie in [1, --experts {args.experts}], "
-                                  f"and --hashes must be 1 with --topk above 1")
-        if not args.output:
-            raise HashConfigError("--output FILE is required")
-        table, dictionary, source = build(args)
-    except HashConfigError as e:
-        parser.exit(2, f"fairseq-hash-table: error: {e}\n")
+    if args.type == "fingerprint":
+        if not args.data:
+            raise HashConfigError("fingerprint needs --data (a data-bin folder)")
+        print(fingerprint_hex(load_dictionary(args.data)))
+        return
+    if args.experts is None or args.experts < 2:
+        raise HashConfigError(f"--experts {args.experts}: give the number of experts, at least 2")
+    if args.hashes < 1:
+        raise HashConfigError(f"--hashes {args.hashes}: must be at least 1")
+    if not 1 <= args.topk <= args.experts or (args.topk > 1 and args.hashes > 1):
+        raise HashConfigError(f"--topk {args.topk}: must lie in [1, --experts {args.experts}], "
+                              f"and --hashes must be 1 with --topk above 1")
+    if not args.output:
+        raise HashConfigError("--output FILE is required")
+    table, dictionary, source = build(args)
     save_table_file(args.output, table, args.type, args.experts, dictionary, source, args.topk)
     fn = HASH_REGISTRY[args.type]
     if fn.token_rows and fn.columns_per_hash == 1:
@@ -137,5 +135,10 @@ def main(argv=None):
     print(args.output)
 
 
+@command("fairseq-hash-table")
+def main(argv=None):
+    make_table(argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,11 +17,13 @@ import argparse
 import json
 import math
 import os
+import sys
 import warnings
 
 import torch
 
-from ..errors import HashConfigError, install_excepthook
+from ..errors import HashConfigError
+from .command import command
 
 
 def load_model(checkpoint, data, hash_file=None):
@@ -56,7 +58,7 @@ def batches(task, subset, max_tokens):
 
 def layer_experts(moe):
     """Expert of every (position, slot) of the last forward: ``[T*B, k]`` in [0, K)."""
-    segments = getattr(moe.experts, "num_segments", 1)  # MultiHash: narrow id = e * N + m
+    segments = getattr(moe.experts, "num_hashes", 1)  # MultiHash: narrow id = e * N + m
     return moe.last_indices // segments
 
 
@@ -123,7 +125,7 @@ def top_tokens(tokens, experts, num_experts, dictionary, top):
 
 
 def layer_report(moe, tokens, experts, dictionary, top):
-    num = getattr(moe.experts, "num_ffns", moe.experts.num_experts)
+    num = moe.experts.total_experts
     router = moe.router
     entry = {
         "router": type(router).__name__,
@@ -211,6 +213,7 @@ def summary_lines(result):
     return lines
 
 
+@command("fairseq-hash-report")
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fairseq-hash-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a hash_transformer_lm checkpoint (.pt)")
@@ -229,15 +232,11 @@ def main(argv=None):
                         "of the one it was trained with (not needed: the checkpoint's own "
                         "table is used either way)")
     args = parser.parse_args(argv)
-    install_excepthook()
-    try:
-        result = report(args.checkpoint, args.data, args.output_dir, args.subset, args.compare,
-                        args.top, args.max_tokens, args.max_batches, args.hash_file)
-    except HashConfigError as e:
-        parser.exit(2, f"fairseq-hash-report: error: {e}\n")
+    result = report(args.checkpoint, args.data, args.output_dir, args.subset, args.compare,
+                    args.top, args.max_tokens, args.max_batches, args.hash_file)
     print("\n".join(summary_lines(result)))
     print(os.path.join(args.output_dir, "routing.json"))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,6 +20,8 @@ import logging
 import os
 import sys
 
+from .command import command
+
 # the hash flags of each family, and the model each family becomes
 FAMILIES = {
     "transformer_lm": ("hash_transformer_lm", ["hash_layer"]),
@@ -83,10 +85,36 @@ def copy_dense_ffns(model, dense_state, path):
     return model.state_dict()
 
 
+def read_checkpoint(path):
+    """fairseq's checkpoint dict of ``path``, or a one-line error for a file that is not one
+    (truncated by a copy or a full disk, or another kind of file)."""
+    import pickle
+
+    from fairseq import checkpoint_utils
+
+    from fairseq_hash.errors import HashConfigError
+
+    try:
+        state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as e:
+        # torch's first sentence says what broke; the rest is advice for its own users
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise HashConfigError(f"{path}: not a readable checkpoint ({reason}); is the file "
+                              "complete? give a checkpoint written by fairseq-train") from None
+    except (KeyError, AttributeError, TypeError) as e:
+        # fairseq's loader upgrades old layouts and looks up their keys without a check
+        raise HashConfigError(f"{path}: not a fairseq checkpoint ({type(e).__name__}: {e} in "
+                              "fairseq's loader); give a checkpoint written by fairseq-train") from None
+    if not isinstance(state, dict) or state.get("cfg") is None or "model" not in state:
+        raise HashConfigError(f"{path}: not a fairseq checkpoint (no cfg and model in it); give "
+                              "a checkpoint written by fairseq-train")
+    return state
+
+
 def upcycle(dense_path, output, hash_args: dict, data=None):
     """Write the hash checkpoint ``output`` from ``dense_path``; returns the hash model."""
     import torch
-    from fairseq import checkpoint_utils, tasks
+    from fairseq import tasks
     from fairseq.models import ARCH_MODEL_NAME_REGISTRY
     from omegaconf import OmegaConf
 
@@ -97,7 +125,7 @@ def upcycle(dense_path, output, hash_args: dict, data=None):
         raise HashConfigError(f"--output {output} exists; give a new path (nothing is overwritten)")
     if not os.path.isfile(dense_path):
         raise HashConfigError(f"{dense_path}: no such checkpoint")
-    state = checkpoint_utils.load_checkpoint_to_cpu(dense_path)
+    state = read_checkpoint(dense_path)
     cfg = state["cfg"]
     # argparse models keep --arch; dataclass ones (transformer_lm) only their model's name
     arch = getattr(cfg.model, "arch", None) or getattr(cfg.model, "_name", None)
@@ -127,7 +155,8 @@ def upcycle(dense_path, output, hash_args: dict, data=None):
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
     if not hash_modules(model) or not any(m.moe_layers for _, m in hash_modules(model)):
-        raise HashConfigError(f"no hash layer chosen: give {' or '.join('--' + f.replace('_', '-') for f in layer_flags)}")
+        flags = " or ".join("--" + f.replace("_", "-") for f in layer_flags)
+        raise HashConfigError(f"no hash layer chosen: give {flags}")
     state["model"] = copy_dense_ffns(model, state["model"], dense_path)
     state["last_optimizer_state"] = None
     state["cfg"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -138,6 +167,7 @@ def upcycle(dense_path, output, hash_args: dict, data=None):
     return model
 
 
+@command("fairseq-hash-upcycle")
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fairseq-hash-upcycle",
                                      description=__doc__.split("\n\n")[0].strip("`: "))
@@ -159,11 +189,6 @@ def main(argv=None):
     parser.add_argument("--data", help="the data folder with the checkpoint's dict.txt, if it "
                         "moved since training (default: the checkpoint's own)")
     args = parser.parse_args(argv)
-    from fairseq_hash.errors import install_excepthook
-
-    # also under `python -m fairseq_hash.cli.upcycle`, where the package is
-    # imported before this module becomes __main__
-    install_excepthook()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
     hash_args = {k: getattr(args, k) for k in LAYER_FLAGS + ["hash_experts", "hash_type",
@@ -173,4 +198,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

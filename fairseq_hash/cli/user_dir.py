@@ -5,6 +5,7 @@
 The path is absolute, so commands and checkpoints that record it work from
 any working directory.
 """
+import argparse
 import importlib.util
 import os
 
@@ -14,7 +15,9 @@ def user_dir() -> str:
     return os.path.abspath(list(spec.submodule_search_locations)[0])
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(prog="fairseq-hash-user-dir",
+                            description=__doc__.split("\n\n")[0].strip("`: ")).parse_args(argv)
     print(user_dir())
 
 

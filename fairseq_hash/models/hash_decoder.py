@@ -1,39 +1,30 @@
 """fairseq's TransformerDecoder with chosen FFN sublayers turned into hash layers.
 
-    decoder = HashTransformerDecoder(args, dictionary, embed_tokens)
-    # or, around a decoder fairseq has already built:
-    decoder = HashTransformerDecoder.adopt(decoder, args, dictionary)
+    decoder = HashTransformerDecoder.adopt(decoder, spec, dictionary, "0,-1")
 
 fairseq's decoder layers never see token ids. This decoder computes the
 routing context (token, previous token, position; see ``hashing.RouteInputs``)
 from ``prev_output_tokens`` before fairseq's own ``extract_features`` runs, and
-hands it to its MoE layers. In incremental decoding fairseq still passes the
+hands it to its MoE layers (``HashLayers.routing``). In incremental decoding fairseq still passes the
 whole prefix, so the previous token and the position of the last step come
 from the prefix itself and routing equals a full forward pass.
 """
 from fairseq.models.transformer import TransformerDecoder
 
 from ..hashing import RouteInputs
-from .hash_layers import (HashLayers, build_hash_moe, build_hash_router,  # noqa: F401
-                          check_hash_args, log_expected_load, parse_hash_layers,
-                          pass_route_through, replace_ffn)
+from ..spec import HashLayerSpec
+from .hash_layers import HashLayers
 
 
 class HashTransformerDecoder(HashLayers, TransformerDecoder):
     """TransformerDecoder whose layers ``--hash-layer`` route their FFN by hash.
 
     In ``hash_transformer`` the layers come from ``--decoder-hash-layer``
-    (``spec`` and ``flag``), and the table is the target dictionary's.
+    (``layers`` and ``flag``), and the table is the target dictionary's.
     """
 
-    def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=False,
-                 output_projection=None, spec=None, flag="--hash-layer", seed_offset=0):
-        super().__init__(args, dictionary, embed_tokens, no_encoder_attn, output_projection)
-        spec = args.hash_layer if spec is None else spec
-        self.add_hash_layers(args, dictionary, spec, flag, seed_offset)
-
     @classmethod
-    def adopt(cls, decoder: TransformerDecoder, args, dictionary, spec=None,
+    def adopt(cls, decoder: TransformerDecoder, spec: HashLayerSpec, dictionary, layers: str,
               flag="--hash-layer", seed_offset=0, allow_none=False) -> "HashTransformerDecoder":
         """Turn a decoder fairseq has built into this class, in place.
 
@@ -43,8 +34,7 @@ class HashTransformerDecoder(HashLayers, TransformerDecoder):
         initialises it under the same --seed.
         """
         decoder.__class__ = cls
-        spec = args.hash_layer if spec is None else spec
-        decoder.add_hash_layers(args, dictionary, spec, flag, seed_offset, allow_none)
+        decoder.add_hash_layers(spec, dictionary, layers, flag, seed_offset, allow_none)
         return decoder
 
     def route_inputs(self, prev_output_tokens, incremental_state=None) -> RouteInputs:

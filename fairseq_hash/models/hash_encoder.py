@@ -1,6 +1,6 @@
 """fairseq's TransformerEncoder with chosen FFN sublayers turned into hash layers.
 
-    encoder = HashTransformerEncoder.adopt(encoder, args, src_dict, "0,-1")
+    encoder = HashTransformerEncoder.adopt(encoder, spec, src_dict, "0,-1")
 
 The encoder sees its whole input at once, so the routing context (token,
 previous token, next token, position; see ``hashing.RouteInputs``) comes from
@@ -14,6 +14,7 @@ import torch
 from fairseq.models.transformer import TransformerEncoder
 
 from ..hashing import RouteInputs
+from ..spec import HashLayerSpec
 from .hash_layers import HashLayers
 
 
@@ -23,7 +24,7 @@ class HashTransformerEncoder(HashLayers, TransformerEncoder):
     side = "encoder"
 
     @classmethod
-    def adopt(cls, encoder: TransformerEncoder, args, dictionary, spec: str,
+    def adopt(cls, encoder: TransformerEncoder, spec: HashLayerSpec, dictionary, layers: str,
               flag: str = "--encoder-hash-layer", allow_none=False) -> "HashTransformerEncoder":
         """Turn an encoder fairseq has built into this class, in place.
 
@@ -32,7 +33,7 @@ class HashTransformerEncoder(HashLayers, TransformerEncoder):
         initialises it under the same --seed.
         """
         encoder.__class__ = cls
-        encoder.add_hash_layers(args, dictionary, spec, flag, allow_none=allow_none)
+        encoder.add_hash_layers(spec, dictionary, layers, flag, allow_none=allow_none)
         return encoder
 
     def route_inputs(self, src_tokens: torch.Tensor) -> RouteInputs:

@@ -15,16 +15,14 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model
 from fairseq.models.roberta import RobertaModel
 
-from ..distributed_checkpoints import prepare_expert_parallel
+from .config import EncoderHashConfig
 from .hash_encoder import HashTransformerEncoder
-from .hash_layers import EncoderHashConfig, fill_hash_defaults, log_parameters, register_hash_presets
+from .hash_model import HashModel, register_hash_presets
 
 
 @register_model("hash_roberta")
-class HashRobertaModel(RobertaModel):
-    @classmethod
-    def hub_models(cls):
-        return {}
+class HashRobertaModel(HashModel, RobertaModel):
+    hash_config = EncoderHashConfig
 
     @staticmethod
     def add_args(parser):
@@ -32,15 +30,11 @@ class HashRobertaModel(RobertaModel):
         gen_parser_from_dataclass(parser, EncoderHashConfig())
 
     @classmethod
-    def build_model(cls, args, task):
-        fill_hash_defaults(args, EncoderHashConfig)
-        model = super().build_model(args, task)
+    def adopt_hash_sides(cls, model, spec, args, task):
         encoder = model.encoder.sentence_encoder
         model.encoder.sentence_encoder = HashTransformerEncoder.adopt(
-            encoder, args, task.source_dictionary, args.encoder_hash_layer)
-        prepare_expert_parallel(model)
-        log_parameters(model, "hash_roberta", {"encoder": model.encoder.sentence_encoder})
-        return model
+            encoder, spec, task.source_dictionary, args.encoder_hash_layer)
+        return {"encoder": model.encoder.sentence_encoder}
 
 
 register_hash_presets("roberta", "hash_roberta", EncoderHashConfig)

@@ -15,19 +15,16 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model
 from fairseq.models.transformer import TransformerModel
 
-from ..distributed_checkpoints import prepare_expert_parallel
 from ..errors import HashConfigError
+from .config import EncoderDecoderHashConfig
 from .hash_decoder import HashTransformerDecoder
 from .hash_encoder import HashTransformerEncoder
-from .hash_layers import (EncoderDecoderHashConfig, fill_hash_defaults, log_parameters,
-                          register_hash_presets)
+from .hash_model import HashModel, register_hash_presets
 
 
 @register_model("hash_transformer")
-class HashTransformerModel(TransformerModel):
-    @classmethod
-    def hub_models(cls):
-        return {}
+class HashTransformerModel(HashModel, TransformerModel):
+    hash_config = EncoderDecoderHashConfig
 
     @classmethod
     def add_args(cls, parser):
@@ -35,24 +32,19 @@ class HashTransformerModel(TransformerModel):
         gen_parser_from_dataclass(parser, EncoderDecoderHashConfig())
 
     @classmethod
-    def build_model(cls, args, task):
-        fill_hash_defaults(args, EncoderDecoderHashConfig)
-        model = super().build_model(args, task)
+    def adopt_hash_sides(cls, model, spec, args, task):
         # either side may have none ('') but not both
         model.encoder = HashTransformerEncoder.adopt(
-            model.encoder, args, task.source_dictionary, args.encoder_hash_layer, allow_none=True)
+            model.encoder, spec, task.source_dictionary, args.encoder_hash_layer, allow_none=True)
         # the decoder's layer i is seeded apart from the encoder's layer i
         model.decoder = HashTransformerDecoder.adopt(
-            model.decoder, args, task.target_dictionary, args.decoder_hash_layer,
+            model.decoder, spec, task.target_dictionary, args.decoder_hash_layer,
             "--decoder-hash-layer", seed_offset=len(model.encoder.layers), allow_none=True)
         if not model.encoder.moe_layers and not model.decoder.moe_layers:
             raise HashConfigError(
                 "--encoder-hash-layer and --decoder-hash-layer name no layer; give one of them "
                 "(without hash layers, use fairseq's --arch transformer)")
-        prepare_expert_parallel(model)
-        log_parameters(model, "hash_transformer",
-                       {"encoder": model.encoder, "decoder": model.decoder})
-        return model
+        return {"encoder": model.encoder, "decoder": model.decoder}
 
 
 register_hash_presets("transformer", "hash_transformer", EncoderDecoderHashConfig)

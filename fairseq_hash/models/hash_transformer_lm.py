@@ -17,9 +17,9 @@ from fairseq.models import register_model
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig
 
 from ..errors import HashConfigError
-from ..distributed_checkpoints import prepare_expert_parallel
+from .config import HashLayerConfig
 from .hash_decoder import HashTransformerDecoder
-from .hash_layers import HashLayerConfig, log_parameters, register_hash_presets
+from .hash_model import HashModel, register_hash_presets
 
 
 @dataclass
@@ -30,13 +30,11 @@ class HashTransformerLanguageModelConfig(TransformerLanguageModelConfig, HashLay
 
 
 @register_model("hash_transformer_lm", dataclass=HashTransformerLanguageModelConfig)
-class HashTransformerLanguageModel(TransformerLanguageModel):
-    @classmethod
-    def hub_models(cls):
-        return {}
+class HashTransformerLanguageModel(HashModel, TransformerLanguageModel):
+    hash_config = HashLayerConfig
 
     @classmethod
-    def build_model(cls, args, task):
+    def adopt_hash_sides(cls, model, spec, args, task):
         for flag in ("encoder_hash_layer", "decoder_hash_layer"):
             if getattr(args, flag, None) is not None:
                 raise HashConfigError(
@@ -44,11 +42,9 @@ class HashTransformerLanguageModel(TransformerLanguageModel):
                     f"hash_transformer_lm is a decoder-only model: name its hash layers with "
                     f"--hash-layer"
                 )
-        model = super().build_model(args, task)
-        model.decoder = HashTransformerDecoder.adopt(model.decoder, args, task.target_dictionary)
-        prepare_expert_parallel(model)
-        log_parameters(model, "hash_transformer_lm", {"decoder": model.decoder})
-        return model
+        model.decoder = HashTransformerDecoder.adopt(model.decoder, spec, task.target_dictionary,
+                                                     args.hash_layer)
+        return {"decoder": model.decoder}
 
 
 register_hash_presets("transformer_lm", "hash_transformer_lm", HashLayerConfig)

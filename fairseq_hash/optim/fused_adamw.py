@@ -4,9 +4,8 @@ A hash layer multiplies the parameters of one FFN by K, and Adam reads and
 writes every parameter at every update, whether its expert saw many tokens or
 few. Off CUDA, fairseq's ``adam`` (``fairseq.optim.adam.Adam``) updates a
 parameter with eight tensor operations and one temporary of its size, each a
-pass over memory: at K=64 (d=512, f=2048, 153M parameters against the dense
-model's 21M) its step took 260 ms of a 2100 ms update at 2048 tokens on 2 CPU
-cores. torch's fused AdamW kernel makes one pass: 60 ms.
+pass over memory; torch's fused AdamW kernel makes one pass (BENCHMARKS.md
+measures both).
 
 The update is fairseq's: AdamW's decoupled weight decay (``--weight-decay``),
 ``--adam-betas`` and ``--adam-eps`` with fairseq's placement of eps, which it

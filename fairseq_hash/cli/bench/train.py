@@ -19,9 +19,10 @@ import statistics
 import sys
 from typing import List
 
-from .bench_layer import LAYER_IMPLS, LEARNED_ROUTERS
-from .fairseq_runner import run_fairseq
-from .user_dir import user_dir
+from ...errors import HashConfigError
+from ..fairseq_runner import run_fairseq
+from ..user_dir import user_dir
+from .layer_cases import LAYER_IMPLS, LEARNED_ROUTERS
 
 logger = logging.getLogger("fairseq_hash.bench")
 
@@ -60,20 +61,18 @@ def fairseq_train_speed(data_bin, extra, args, device, log_path):
         "--disable-validation", "--log-format", "json", "--log-interval", "1",
         "--seed", "1", "--num-workers", "0", *extra, *(["--cpu"] if device.type == "cpu" else [])],
         log_path, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    if not train.ok:
-        tail = "".join(train.lines)[-1500:]
-        raise RuntimeError(f"fairseq-train failed ({' '.join(extra)}); log {log_path}:\n{tail}")
+    train.checked(" ".join(extra))
     timed = [r for r in train.records("train_inner")
              if r["num_updates"] > args.warmup_updates and r["wps"] > 0]
     if not timed:
-        raise RuntimeError(f"no timed updates in {log_path}: raise --updates above "
+        raise HashConfigError(f"no timed updates in {log_path}: raise --updates above "
                            f"--warmup-updates ({args.warmup_updates})")
     return (statistics.median(r["wps"] for r in timed),
             statistics.median(1000.0 * r["wpb"] / r["wps"] for r in timed), train.peak_rss_mb)
 
 
 def run_train(args, device) -> List[dict]:
-    from .prepare import prepare
+    from ..data.prepare import prepare
 
     os.makedirs(args.work_dir, exist_ok=True)
     data_bin = args.data_bin or prepare(os.path.join(args.work_dir, "data"))

@@ -39,9 +39,10 @@ import time
 
 import torch
 
-from .user_dir import user_dir
+from ...errors import HashConfigError
+from ..user_dir import user_dir
 
-SELF = [sys.executable, "-m", "fairseq_hash.cli.bench_parallel"]  # a worker rank
+SELF = [sys.executable, "-m", "fairseq_hash.cli.bench.parallel"]  # a worker rank
 
 
 def free_port():
@@ -67,7 +68,7 @@ def layer_worker(rank, world, port, experts, tokens, dispatch, repeat, out):
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world)
-        layout = expert_layout(experts)
+        layout = expert_layout(world)  # P = W: W divides K here
         ffn = ExpertFFN(experts, d, f, shard=layout.shard, num_shards=layout.parallel_size)
         exchange = (FairscaleExchange(layout, ffn) if dispatch == "fairscale"
                     else AllToAllExchange(layout, exact=dispatch == "alltoall-exact"))
@@ -129,7 +130,7 @@ def run_counts(args):
                                str(args.experts), str(args.layers), "200", out])
              for r in range(2)]
     if any(p.wait() for p in procs):
-        raise SystemExit("expert_parallel.py: a counts worker failed")
+        raise HashConfigError("--ranks 2 --counts: a worker process failed (its error is above)")
     result = json.load(open(f"{out}.0"))
     print(f"| exchange sizes of {args.layers} hash layers, K={args.experts} | us a forward |")
     print("|---|---:|")
@@ -151,7 +152,7 @@ def run_layer(args):
                                    str(args.repeat), out]) for r in range(world)]
         for p in procs:
             if p.wait():
-                raise SystemExit(f"expert_parallel.py: the {name} worker failed")
+                raise HashConfigError(f"--ranks 2: the {name} worker failed (its error is above)")
         result = [json.load(open(f"{out}.{r}")) for r in range(world)]
         seconds = max(r["seconds"] for r in result)
         rows.append({"setting": name, "experts": args.experts, "tokens_per_step": 2 * args.tokens,
@@ -190,13 +191,14 @@ def fairseq_words_per_second(args, arch_flags, port):
            for line in (first.stdout + first.stderr).splitlines()
            if "| train_inner |" in line]
     if not wps:
-        raise SystemExit(f"expert_parallel.py: fairseq-train failed:\n{first.stderr[-2000:]}")
+        last = first.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise HashConfigError(f"--ranks 2 --train: fairseq-train failed: {last[0]}")
     return sum(wps[1:]) / max(len(wps) - 1, 1)  # the first interval includes start-up
 
 
 def run_train(args):
     if not args.data_bin:
-        from .prepare import prepare
+        from ..data.prepare import prepare
 
         os.makedirs(args.work_dir, exist_ok=True)
         args.data_bin = prepare(os.path.join(args.work_dir, "data"))
@@ -223,7 +225,7 @@ def padded_rows(experts: torch.Tensor, num_experts: int, ranks: int) -> int:
 
 
 def run_wire(args, vocab=32000, num_experts=64):
-    from ..hashing import greedy_balance
+    from ...hashing import greedy_balance
 
     draws = args.repeat  # batches drawn for each row
     gen = torch.Generator().manual_seed(0)
@@ -262,8 +264,8 @@ def run_wire(args, vocab=32000, num_experts=64):
 def run_ranks(args) -> list:
     """The --ranks 2 modes of fairseq-hash-bench; ``args`` are its parsed flags."""
     if args.ranks != 2:
-        raise SystemExit("fairseq-hash-bench: error: --ranks supports 2 (gloo processes on "
-                         "this machine); for N GPUs see BENCHMARKS.md")
+        raise HashConfigError("--ranks supports 2 (gloo processes on this machine); for N GPUs "
+                              "see BENCHMARKS.md")
     args.experts, args.tokens = args.experts[0], (args.tokens or [4096])[0]
     if args.wire:
         return run_wire(args)

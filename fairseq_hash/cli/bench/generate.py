@@ -1,7 +1,7 @@
 """fairseq-generate with beam search: sentences per second of a hash and a dense seq2seq model.
 
-    python benchmarks/generate_speed.py DATA_BIN                # a data-bin of src/tgt pairs
-    python benchmarks/generate_speed.py DATA_BIN --experts 16 --repeats 3 --json out.json
+    python -m fairseq_hash.cli.bench.generate DATA_BIN                # a data-bin of src/tgt pairs
+    python -m fairseq_hash.cli.bench.generate DATA_BIN --experts 16 --repeats 3 --json out.json
 
 DATA_BIN is a translation data-bin (``fairseq-hash-prepare --next-utterance``
 makes one from the built-in corpus). The script trains a dense ``transformer``
@@ -17,18 +17,12 @@ import argparse
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
 
-from fairseq_hash.cli.tool_env import tool_env
-from fairseq_hash.cli.user_dir import user_dir
+from ..fairseq_runner import run_fairseq
+from ..user_dir import user_dir
 
 SPEED = re.compile(r"Translated ([0-9,]+) sentences .* \(([0-9.]+) sentences/s")
-
-
-def tool(name):
-    return os.path.join(os.path.dirname(sys.executable), name)
 
 
 def model_flags(args, hashed):
@@ -44,28 +38,29 @@ def model_flags(args, hashed):
 
 
 def train(args, hashed, save):
-    subprocess.run(
-        [tool("fairseq-train"), args.data_bin, "--user-dir", user_dir(), "--task", "translation",
-         *model_flags(args, hashed), "--optimizer", "adam", "--lr", "0.0005", "--max-tokens", "4096",
-         "--max-update", str(args.updates), "--cpu", "--seed", "1", "--num-workers", "0",
-         "--save-dir", save, "--no-epoch-checkpoints", "--disable-validation"],
-        check=True, capture_output=True, env=tool_env())
+    run_fairseq("fairseq-train", [
+        args.data_bin, "--user-dir", user_dir(), "--task", "translation",
+        *model_flags(args, hashed), "--optimizer", "adam", "--lr", "0.0005", "--max-tokens", "4096",
+        "--max-update", args.updates, "--cpu", "--seed", "1", "--num-workers", "0",
+        "--save-dir", save, "--no-epoch-checkpoints", "--disable-validation"],
+        os.path.join(save, "train.log")).checked()
     return os.path.join(save, "checkpoint_last.pt")
 
 
 def generate(args, ckpt):
-    proc = subprocess.run(
-        [tool("fairseq-generate"), args.data_bin, "--user-dir", user_dir(), "--path", ckpt,
-         "--gen-subset", "test", "--beam", str(args.beam), "--min-len", str(args.length),
-         "--max-len-a", "0", "--max-len-b", str(args.length), "--batch-size", str(args.batch_size),
-         "--cpu", "--num-workers", "0", "--quiet"],
-        check=True, capture_output=True, text=True, env=tool_env())
-    match = SPEED.search(proc.stdout + proc.stderr)
+    run = run_fairseq("fairseq-generate", [
+        args.data_bin, "--user-dir", user_dir(), "--path", ckpt,
+        "--gen-subset", "test", "--beam", args.beam, "--min-len", args.length,
+        "--max-len-a", "0", "--max-len-b", args.length, "--batch-size", args.batch_size,
+        "--cpu", "--num-workers", "0", "--quiet"],
+        os.path.join(os.path.dirname(ckpt), "generate.log")).checked()
+    match = SPEED.search("".join(run.lines))
     return int(match.group(1).replace(",", "")), float(match.group(2))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fairseq_hash.cli.bench.generate",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("data_bin", help="a translation data-bin (src/tgt)")
     parser.add_argument("--experts", type=int, default=16, help="experts per hash layer (16)")
     parser.add_argument("--layers", type=int, default=3, help="encoder and decoder layers (3)")

@@ -1,5 +1,4 @@
 """Table files: fairseq-hash-table writes them, --hash-file trains with them."""
-import argparse
 import json
 import os
 import re
@@ -12,7 +11,8 @@ from hashfns_util import (hashfns_corpus, hashfns_dictionary, hashfns_run, hashf
                           hashfns_user_dir, HASHFNS_TINY)
 from fairseq_hash.errors import HashConfigError
 from fairseq_hash.hashing import build_hash_function
-from fairseq_hash.models.hash_decoder import build_hash_moe
+from fairseq_hash.moe_factory import build_hash_moe
+from fairseq_hash.spec import HashLayerSpec
 from fairseq_hash.table_file import load_table_file, read_table_file, save_table_file
 
 
@@ -78,10 +78,9 @@ def test_hand_made_table_with_bad_entries_is_refused(tmp_path):
 
 def test_hash_file_routes_every_layer_by_the_file(tmp_path):
     path, table, d = saved(tmp_path, "random", hashes=1)
-    args = argparse.Namespace(hash_experts=4, hash_type="random", hash_seed=1, hash_count=1,
-                              hash_file=path)
+    spec = HashLayerSpec(total_experts=4, hash_type="random", hash_file=path)
     for layer in (0, 1):
-        assert torch.equal(build_hash_moe(args, d, layer, 8, 16).router.table, table)
+        assert torch.equal(build_hash_moe(spec, d, layer, 8, 16).router.table, table)
 
 
 def test_cli_builds_balanced_from_a_data_bin(tmp_path, corpus):
@@ -174,11 +173,10 @@ def test_a_checkpoint_trained_with_a_file_resumes_training_after_the_file_is_gon
 
 def test_a_table_awaiting_its_checkpoint_takes_the_modules_device(tmp_path):
     path, table, d = saved(tmp_path, "random", hashes=1)
-    args = argparse.Namespace(hash_experts=4, hash_type="random", hash_seed=1, hash_count=1,
-                              hash_file=path)
-    state = {f"r.{k}": v for k, v in build_hash_moe(args, d, 0, 8, 16).router.state_dict().items()}
+    spec = HashLayerSpec(total_experts=4, hash_type="random", hash_file=path)
+    state = {f"r.{k}": v for k, v in build_hash_moe(spec, d, 0, 8, 16).router.state_dict().items()}
     os.remove(path)
-    router = build_hash_moe(args, d, 0, 8, 16).router
+    router = build_hash_moe(spec, d, 0, 8, 16).router
     # "meta" stands for an accelerator (the checkpoint is read onto the CPU);
     # only the table moves, the fingerprints stay readable
     router.table = router.table.to("meta")

@@ -5,22 +5,30 @@
     fairseq-hash-bench --train --experts 16             # whole models through fairseq
     fairseq-hash-bench --ranks 2 --experts 16           # expert-parallel, 2 gloo ranks
 
-The layer mode is in ``bench_layer.py`` (what each implementation is, how time
-and memory are measured); the train mode in ``bench_train.py``; the 2-rank modes in ``bench_parallel.py``.
+The layer mode is in ``layer.py`` (what each implementation is, how time and
+memory are measured); the train mode in ``train.py``; the 2-rank modes in
+``parallel.py``. Two more benchmarks of this folder run as modules:
+``python -m fairseq_hash.cli.bench.generate`` (beam-search speed of a hash and
+a dense seq2seq model) and ``python -m fairseq_hash.cli.bench.phases`` (where a
+training update spends its time).
 """
 import argparse
 import json
 import logging
 import os
+import sys
 import tempfile
 from typing import List
 
 import torch
 
-from .bench_layer import LAYER_IMPLS, print_layer_table, run_layers
-from .bench_parallel import run_ranks
-from .bench_train import print_train_table, run_train
-from .tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS
+from ..command import command
+from ..tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS
+from .layer import print_layer_table, run_layers
+from .layer_cases import LAYER_IMPLS
+from .parallel import run_ranks
+from .train import print_train_table, run_train
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="fairseq-hash-bench",
@@ -124,9 +132,10 @@ def run(argv=None) -> List[dict]:
     return rows
 
 
+@command("fairseq-hash-bench")
 def main(argv=None):
     run(argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,16 +1,17 @@
 """The hash layer inside a fairseq Transformer layer: outputs and gradients."""
-import argparse
-
 import torch
 from fairseq.data import Dictionary
 from fairseq.models.transformer import TransformerConfig
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
-from fairseq_hash.experts import ExpertFFN, grouped_linear
+from fairseq_hash.experts import ExpertFFN
 from fairseq_hash.hashing import RouteInputs, build_hash_function
-from fairseq_hash.models.hash_decoder import build_hash_moe, replace_ffn
+from fairseq_hash.models.fairseq_surgery import replace_ffn
+from fairseq_hash.moe_factory import build_hash_moe
 from fairseq_hash.moe_layer import MoELayer
+from fairseq_hash.route import Route
 from fairseq_hash.routers import HashRouter
+from fairseq_hash.spec import HashLayerSpec
 
 
 def small_dictionary(n=50):
@@ -20,10 +21,8 @@ def small_dictionary(n=50):
     return d
 
 
-def hash_args(**kw):
-    base = dict(hash_experts=4, hash_type="random", hash_seed=1, hash_layer="0")
-    base.update(kw)
-    return argparse.Namespace(**base)
+def layer_spec(**kw):
+    return HashLayerSpec(**{"total_experts": 4, "hash_type": "random", **kw})
 
 
 def layer_pair(d, embed=16, ffn=32):
@@ -35,7 +34,7 @@ def layer_pair(d, embed=16, ffn=32):
     torch.manual_seed(0)
     hashed = TransformerDecoderLayerBase(cfg, no_encoder_attn=True)
     fc1, fc2 = hashed.fc1, hashed.fc2
-    moe = build_hash_moe(hash_args(), d, 0, embed, ffn)
+    moe = build_hash_moe(layer_spec(), d, 0, embed, ffn)
     replace_ffn(hashed, moe)
     return dense, hashed, moe, (fc1, fc2)
 
@@ -45,7 +44,7 @@ def test_identical_experts_give_the_dense_ffn_output():
     dense, hashed, moe, (fc1, fc2) = layer_pair(d)
     moe.experts.load_dense(fc1, fc2)
     tokens = torch.randint(4, len(d), (3, 7))
-    moe.route_inputs = RouteInputs.from_tokens(tokens, d.pad(), d.eos())
+    moe.route = Route(RouteInputs.from_tokens(tokens, d.pad(), d.eos()))
     x = torch.randn(7, 3, 16)  # [T, B, d], fairseq's layout
     mask = torch.triu(torch.full((7, 7), float("-inf")), 1)
     want, _, _ = dense(x, self_attn_mask=mask)
@@ -71,28 +70,25 @@ def test_gradients_reach_only_experts_that_received_tokens():
     assert x.grad.abs().sum() > 0
 
 
-def test_grouped_linear_matches_per_expert_reference():
-    torch.manual_seed(0)
-    counts = [3, 0, 5, 2]
-    x = torch.randn(10, 6, requires_grad=True)
-    w = torch.randn(4, 7, 6, requires_grad=True)
-    b = torch.randn(4, 7, requires_grad=True)
-    y = grouped_linear(x, w, b, counts)
-    g = torch.randn_like(y)
-    (y * g).sum().backward()
-    grads = [t.grad.clone() for t in (x, w, b)]
-    for t in (x, w, b):
-        t.grad = None
-    bounds = torch.tensor([0] + counts).cumsum(0).tolist()
-    ref = torch.cat([x[lo:hi] @ w[e].t() + b[e] for e, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])
-    (ref * g).sum().backward()
-    torch.testing.assert_close(y, ref)
-    for got, t in zip(grads, (x, w, b)):
-        torch.testing.assert_close(got, t.grad)
-
-
 def test_expert_parameters_are_marked():
     moe = MoELayer(HashRouter(build_hash_function("random"), torch.zeros(5, 1, dtype=torch.long), 2, 0),
                    ExpertFFN(2, 4, 8))
     assert all(getattr(p, "expert", False) for p in moe.experts.parameters())
     assert not any(getattr(p, "expert", False) for p in moe.router.parameters())
+
+
+def test_a_model_hands_each_hash_layer_its_route_for_the_forward_only(tmp_path):
+    from hashfns_util import hashfns_data_dir, hashfns_model, hashfns_tokens
+
+    model, d = hashfns_model(hashfns_data_dir(str(tmp_path)), "--hash-layer", "0,1")
+    tokens = hashfns_tokens(d)
+    seen = {}
+    for idx, moe in model.decoder.moe_layers.items():
+        moe.register_forward_pre_hook(lambda m, args, idx=idx: seen.update({idx: m.route}))
+    model(tokens)
+    for idx, moe in model.decoder.moe_layers.items():
+        # the hash layers' dispatch, planned before any layer ran: counts on the host
+        assert isinstance(seen[idx], Route) and seen[idx].plan.counts is not None
+        assert sum(seen[idx].plan.counts) == tokens.numel()  # no padding here
+        assert torch.equal(seen[idx].inputs.tokens, tokens)
+        assert moe.route is None  # nothing left behind for the next call

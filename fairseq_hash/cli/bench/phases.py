@@ -1,7 +1,7 @@
 """Where a fairseq training update spends its time: forward+backward, optimizer, the rest.
 
-    python benchmarks/train_phases.py DATA_BIN --arch transformer_lm
-    python benchmarks/train_phases.py DATA_BIN --arch hash_transformer_lm --hash-experts 64 \
+    python -m fairseq_hash.cli.bench.phases DATA_BIN --arch transformer_lm
+    python -m fairseq_hash.cli.bench.phases DATA_BIN --arch hash_transformer_lm --hash-experts 64 \
         --optimizer fused_adamw
 
 Builds fairseq's Trainer in this process for a 6-layer, d=512, f=2048 LM
@@ -17,11 +17,11 @@ import statistics
 import sys
 import time
 
-import fairseq_hash  # noqa: F401  (registers the model)
 from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.trainer import Trainer
-from fairseq_hash.cli.user_dir import user_dir
+
+from ..user_dir import user_dir
 
 MODEL = ["--task", "language_modeling", "--decoder-layers", "6", "--decoder-embed-dim", "512",
          "--decoder-ffn-embed-dim", "2048", "--decoder-attention-heads", "8",
@@ -42,7 +42,8 @@ def timed(obj, name, times, label):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fairseq_hash.cli.bench.phases",
+                                description=__doc__.split("\n")[0])
     p.add_argument("data_bin")
     p.add_argument("--updates", type=int, default=14, help="updates to run (default 14)")
     p.add_argument("--skip", type=int, default=4, help="first updates left out (default 4)")

@@ -12,11 +12,11 @@ sentencepiece model and one joined dictionary serve both sides, and
 (``--source-lang src --target-lang tgt``).
 """
 import os
-import subprocess
-import sys
 from typing import List, Tuple
 
-from .prepare import builtin_corpus_lines, encode_file, split_of, train_sentencepiece
+from ...errors import HashConfigError
+from ..fairseq_runner import run_fairseq
+from .corpus import builtin_corpus_lines, encode_file, split_of, train_sentencepiece
 
 
 def read_conversations(paths) -> List[List[str]]:
@@ -24,7 +24,7 @@ def read_conversations(paths) -> List[List[str]]:
     conversations = []
     for path in paths:
         if not os.path.isfile(path):
-            raise SystemExit(f"fairseq-hash-prepare: error: --text {path}: no such file")
+            raise HashConfigError(f"--text {path}: no such file")
         turns = []
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -57,8 +57,8 @@ def write_pair_splits(pairs, raw_dir, valid_pct, test_pct):
         f.close()
     for split in ("train", "valid", "test"):
         if not counts.get(split):
-            raise SystemExit(f"fairseq-hash-prepare: error: the {split} split has no pair; give "
-                             f"more conversations or change --valid-pct/--test-pct")
+            raise HashConfigError(f"the {split} split has no pair; give "
+                                  f"more conversations or change --valid-pct/--test-pct")
     return counts
 
 
@@ -89,13 +89,10 @@ def prepare_next_utterance(output_dir, text=None, vocab_size=2000, valid_pct=5.0
             encode_file(sp, os.path.join(raw, f"{split}.{side}"),
                         os.path.join(raw, "spm", f"{split}.{side}"))
     tmp = data_bin + ".tmp"
-    subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"),
-         "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
-         *[a for split in ("train", "valid", "test")
-           for a in (f"--{split}pref", os.path.join(raw, "spm", split))],
-         "--destdir", tmp, "--workers", str(workers)],
-        check=True, stdout=subprocess.DEVNULL,
-    )
+    run_fairseq("fairseq-preprocess", [
+        "--source-lang", "src", "--target-lang", "tgt", "--joined-dictionary",
+        *[a for split in ("train", "valid", "test")
+          for a in (f"--{split}pref", os.path.join(raw, "spm", split))],
+        "--destdir", tmp, "--workers", workers], os.path.join(output_dir, "preprocess.log")).checked()
     os.replace(tmp, data_bin)  # a half-written data-bin is never left behind
     return data_bin

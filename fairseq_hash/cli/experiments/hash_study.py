@@ -25,12 +25,15 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 
-from ..errors import HashConfigError, install_excepthook
-from .fairseq_runner import device_flags, read_log, run_fairseq
-from .seeds import curve_spread, format_spread, mean_sd, plot_spread, relative_curve, seed_list
-from .user_dir import user_dir
+from ...errors import HashConfigError
+from ..command import command
+from ..fairseq_runner import device_flags, read_log, run_fairseq
+from ..user_dir import user_dir
+from .results import (figure, format_spread, markdown_table, over_seeds, plot_spread, seed_list,
+                      write_json)
 
 logger = logging.getLogger("fairseq_hash.hash_study")
 
@@ -94,10 +97,7 @@ def train(name, seed, data, a, tables):
     logger.info(f"{name} seed {seed}: training {a.updates} updates")
     start = time.time()
     # the log keeps its final name only once training succeeded: a rerun retrains
-    done = run_fairseq("fairseq-train", args, log + ".tmp")
-    if not done.ok:
-        tail = "".join(done.lines)[-3000:]
-        raise SystemExit(f"hash_study: training {name} failed (log {log}.tmp):\n{tail}")
+    run_fairseq("fairseq-train", args, log + ".tmp").checked(f"of {name}")
     os.replace(log + ".tmp", log)
     with open(os.path.join(folder, "wall_seconds"), "w") as f:
         f.write(f"{time.time() - start:.1f}\n")
@@ -110,7 +110,7 @@ def evaluate(name, seed, folder, data, a):
     """Valid/test perplexity of the last checkpoint and the valid load of its hash layers."""
     from fairseq import checkpoint_utils
 
-    from .report import collect, layer_report
+    from ..report import collect, layer_report
 
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(
         [os.path.join(folder, "checkpoint_last.pt")], arg_overrides={"data": data})
@@ -138,30 +138,19 @@ def evaluate(name, seed, folder, data, a):
 
 def aggregate(evaluated):
     """One row per run name: its seeds' numbers as mean and standard deviation."""
-    dense = {r["seed"]: r["valid_curve"] for r in evaluated if r["run"] == "dense"}
-    rows = []
-    for name in dict.fromkeys(r["run"] for r in evaluated):
-        mine = [r for r in evaluated if r["run"] == name]
-        row = {"run": name, "seeds": [r["seed"] for r in mine],
-               "parameters": mine[0]["parameters"]}
-        for key in ("valid_ppl", "test_ppl", "load_max_over_mean", "train_seconds"):
-            row[key], row[key + "_sd"] = mean_sd([r[key] for r in mine])
-        row["valid_curve"] = curve_spread([r["valid_curve"] for r in mine])
-        row["relative_curve"] = curve_spread(
-            [relative_curve(r["valid_curve"], dense[r["seed"]]) for r in mine if r["seed"] in dense])
-        rows.append(row)
-    return rows
+    return over_seeds(evaluated, "run", ["parameters"],
+                      ("valid_ppl", "test_ppl", "load_max_over_mean", "train_seconds"), "valid_curve")
 
 
 def build_tables(data, dense_folder, seed, a):
     """clustered/dispersed table files from the no-hash model's embeddings (of one seed)."""
-    from .hash_table import main as hash_table
+    from ..hash_table import make_table
 
     tables = {}
     for kind in ("clustered", "dispersed"):
         path = os.path.join(a.work_dir, "tables", f"{kind}-{a.experts}-seed{seed}.json")
         if not os.path.isfile(path):
-            hash_table([kind, "--checkpoint", os.path.join(dense_folder, "checkpoint_last.pt"),
+            make_table([kind, "--checkpoint", os.path.join(dense_folder, "checkpoint_last.pt"),
                         "--data", data, "--experts", str(a.experts), "--output", path,
                         "--seed", str(seed)])
         tables[kind] = path
@@ -174,15 +163,13 @@ LABELS = {"dense": "no hash layer (transformer_lm)", "multihash": "MultiHash (ba
 
 
 def markdown(rows, a):
-    head = ("| hash | valid ppl | test ppl | load max/mean (valid) | params | train s |\n"
-            "|---|---:|---:|---:|---:|---:|")
-    lines = [head]
-    for r in rows:
-        label = LABELS.get(r["run"], r["run"]).format(n=a.hash_count)
-        lines.append(f"| {label} | {format_spread(r['valid_ppl'], r['valid_ppl_sd'])} "
-                     f"| {format_spread(r['test_ppl'], r['test_ppl_sd'])} "
-                     f"| {format_spread(r['load_max_over_mean'], r['load_max_over_mean_sd'])} "
-                     f"| {r['parameters']:,} | {r['train_seconds']:.0f} |")
+    lines = markdown_table(
+        ["hash", "valid ppl", "test ppl", "load max/mean (valid)", "params", "train s"],
+        [[LABELS.get(r["run"], r["run"]).format(n=a.hash_count),
+          format_spread(r["valid_ppl"], r["valid_ppl_sd"]),
+          format_spread(r["test_ppl"], r["test_ppl_sd"]),
+          format_spread(r["load_max_over_mean"], r["load_max_over_mean_sd"]),
+          f"{r['parameters']:,}", f"{r['train_seconds']:.0f}"] for r in rows])
     seeds = seed_list(a.seed, a.seeds)
     settings = (f"{a.layers} layers, d={a.embed_dim}, f={a.ffn_dim}, K={a.experts} experts at "
                 f"layer {a.hash_layer}, {a.updates} updates of {a.max_tokens} tokens, "
@@ -195,32 +182,24 @@ def markdown(rows, a):
 
 def plot(rows, path):
     """Validation perplexity over updates; right: relative to the run with no hash layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in rows:
-        style = dict(marker=".", label=r["run"], linestyle="--" if r["run"] == "future" else "-")
-        line = plot_spread(left, r["valid_curve"], **style)
-        if line is not None and r["run"] not in ("dense", "future"):
-            plot_spread(right, r["relative_curve"], color=line.get_color(), **style)
-    seeds = max((len(r["seeds"]) for r in rows), default=1)
-    left.set_yscale("log")
-    left.set_title("validation perplexity" + (f", mean of {seeds} seeds ± sd" if seeds > 1 else ""))
-    right.axhline(1.0, color="black", linewidth=1, label="no hash layer")
-    right.set_title("relative to no hash layer, same seed (the oracle left out)")
-    for ax in (left, right):
-        ax.set_xlabel("updates")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, 2, dpi=100) as (left, right):
+        for r in rows:
+            style = dict(marker=".", label=r["run"], linestyle="--" if r["run"] == "future" else "-")
+            line = plot_spread(left, r["valid_curve"], **style)
+            if line is not None and r["run"] not in ("dense", "future"):
+                plot_spread(right, r["relative_curve"], color=line.get_color(), **style)
+        seeds = max((len(r["seeds"]) for r in rows), default=1)
+        left.set_yscale("log")
+        left.set_title("validation perplexity" + (f", mean of {seeds} seeds ± sd" if seeds > 1 else ""))
+        right.axhline(1.0, color="black", linewidth=1, label="no hash layer")
+        right.set_title("relative to no hash layer, same seed (the oracle left out)")
+        for ax in (left, right):
+            ax.set_xlabel("updates")
+            ax.legend(fontsize=7)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="run/hash_study.sh", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="fairseq-hash-study", description=__doc__.split("\n\n")[0])
     p.add_argument("text", nargs="*", help="plain text files, one paragraph a line (default: "
                    "the built-in corpus of Python docstrings)")
     p.add_argument("--work-dir", default=None,
@@ -246,7 +225,8 @@ def parse_args(argv):
     p.add_argument("--max-tokens", type=int, default=2048, help="tokens per batch (default 2048)")
     p.add_argument("--lr", type=float, default=0.003, help="peak learning rate (default 0.003)")
     p.add_argument("--warmup", type=int, default=30, help="warm-up updates (default 30)")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout (default 0.1)")
+    p.add_argument("--dropout", type=float, default=0.1,
+                   help="dropout probability of every model (default 0.1)")
     p.add_argument("--seed", type=int, default=1, help="seed of every run (default 1)")
     p.add_argument("--seeds", type=int, default=1,
                    help="train every row with this many seeds, --seed, --seed + 1, ...; the "
@@ -275,13 +255,13 @@ def parse_args(argv):
     return a
 
 
+@command("fairseq-hash-study")
 def main(argv=None):
     a = parse_args(argv)
-    install_excepthook()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(message)s")
     for noisy in ("fairseq", "fairseq_hash.models", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from .prepare import prepare
+    from ..data.prepare import prepare
 
     os.makedirs(a.work_dir, exist_ok=True)
     data = prepare(os.path.join(a.work_dir, "data"), a.text or None, a.vocab_size,
@@ -300,20 +280,19 @@ def main(argv=None):
             try:
                 evaluated.append(evaluate(name, seed, folder, data, a))
             except HashConfigError as e:
-                raise SystemExit(f"hash_study: evaluating {name}: {e}")
+                raise HashConfigError(f"evaluating {name}: {e}") from None
             logger.info(f"{name} seed {seed}: valid ppl {evaluated[-1]['valid_ppl']:.2f}, "
                         f"test ppl {evaluated[-1]['test_ppl']:.2f}")
     rows = aggregate(evaluated)
     table = markdown(rows, a)
     with open(os.path.join(a.work_dir, "results.md"), "w") as f:
         f.write(table)
-    with open(os.path.join(a.work_dir, "results.json"), "w") as f:
-        json.dump({"settings": {k: v for k, v in vars(a).items()}, "rows": rows,
-                   "runs": evaluated}, f, indent=1)
+    write_json(os.path.join(a.work_dir, "results.json"),
+               {"settings": vars(a), "rows": rows, "runs": evaluated})
     plot(rows, os.path.join(a.work_dir, "valid_ppl.png"))
     print(table)
     print(f"written: {os.path.join(a.work_dir, 'results.md')}, valid_ppl.png, results.json")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

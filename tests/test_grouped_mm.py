@@ -4,13 +4,14 @@ torch's meta kernel for ``_grouped_mm`` enforces what the CUDA kernel needs
 (bf16 operands, int32 offsets, row- or column-major operands with 16-byte
 aligned leading strides), so running the grouped path on meta tensors checks
 every call's arguments. The fused path is forced on here: on this machine
-``grouped_mm_available`` is False (no CUDA device).
+``grouped_mm.available`` is False (no CUDA device).
 """
 import pytest
 import torch
 
-from fairseq_hash import experts as experts_module
-from fairseq_hash.experts import ExpertFFN, ExpertRows, GroupedLinear, grouped_linear
+from fairseq_hash import grouped_mm
+from fairseq_hash.experts import ExpertFFN, GroupedLinear, grouped_linear
+from fairseq_hash.grouped_mm import ExpertRows
 from fairseq_hash.multihash import SegmentedExpertFFN
 
 
@@ -24,7 +25,7 @@ def fused(monkeypatch):
         calls.append((args, kwargs))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(experts_module, "grouped_mm_available",
+    monkeypatch.setattr(grouped_mm, "available",
                         lambda device_type, index, dtype: dtype == torch.bfloat16)
     monkeypatch.setattr(torch, "_grouped_mm", recording)
     return calls
@@ -79,21 +80,21 @@ def test_the_kernel_refuses_what_the_fallback_avoids():
 def test_the_grouped_path_is_taken_only_where_torch_fuses_it(fused, shape, dtype, grouped):
     x = torch.empty(8, shape[-1], device="meta", dtype=dtype)
     weight = torch.empty(*shape, device="meta", dtype=dtype)
-    assert experts_module._use_grouped_mm(x, weight) is grouped
+    assert grouped_mm.usable(x, weight) is grouped
 
 
 def test_the_probe_refuses_gpus_where_torch_does_not_fuse(monkeypatch):
-    experts_module.grouped_mm_available.cache_clear()
+    grouped_mm.available.cache_clear()
     try:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-        assert not experts_module.grouped_mm_available("cuda", 0, torch.bfloat16)
-        assert not experts_module.grouped_mm_available("cpu", None, torch.bfloat16)
+        assert not grouped_mm.available("cuda", 0, torch.bfloat16)
+        assert not grouped_mm.available("cpu", None, torch.bfloat16)
     finally:
-        experts_module.grouped_mm_available.cache_clear()
+        grouped_mm.available.cache_clear()
 
 
 def test_multihash_with_1024_narrow_experts_takes_the_loop_and_computes(fused):
-    ffn = SegmentedExpertFFN(256, 16, 64, num_segments=4).to(torch.bfloat16)
+    ffn = SegmentedExpertFFN(256, 16, 64, num_hashes=4).to(torch.bfloat16)
     counts = [0] * 1024
     counts[3], counts[1000] = 5, 3
     x = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
@@ -114,7 +115,7 @@ def test_the_grouped_bias_gradient_sums_in_float32(monkeypatch):
     at 256 (256 + 1 rounds to 256), as CUDA's bf16 ``index_add_`` did; the
     grouped product's float32 sum is 4096. (CPU's ``index_add_`` sums exactly,
     so the old path cannot be shown failing here.)"""
-    monkeypatch.setattr(experts_module, "_use_grouped_mm", lambda x, weight: True)
+    monkeypatch.setattr(grouped_mm, "usable", lambda x, weight: True)
     x = torch.zeros(4096, 16, dtype=torch.bfloat16)
     w = torch.zeros(2, 16, 16, dtype=torch.bfloat16, requires_grad=True)
     b = torch.zeros(2, 16, dtype=torch.bfloat16, requires_grad=True)

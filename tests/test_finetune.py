@@ -17,7 +17,7 @@ TINIEST = ["--preset", "tiny", "--vocab-size", "60", "--layers", "1", "--embed-d
 
 
 def finetune_command(*args):
-    return [sys.executable, "-m", "fairseq_hash.cli.finetune", *map(str, args)]
+    return [sys.executable, "-m", "fairseq_hash.cli.experiments.finetune", *map(str, args)]
 
 
 def write_labelled(folder, n=500, seed=0):
@@ -96,8 +96,8 @@ def test_labels_of_another_length_are_refused_in_one_line_and_nothing_written(tm
 
 
 def test_builtin_task_labels_balanced_packages_of_the_stdlib():
-    from fairseq_hash.cli.finetune import package_lines
-    from fairseq_hash.cli.prepare import builtin_corpus_items
+    from fairseq_hash.cli.experiments.finetune_classify import package_lines
+    from fairseq_hash.cli.data.corpus import builtin_corpus_items
 
     lines, labels = package_lines(3)
     counts = {label: labels.count(label) for label in set(labels)}
@@ -111,13 +111,16 @@ def test_builtin_task_labels_balanced_packages_of_the_stdlib():
 
 def test_finetune_takes_an_existing_data_bin(results, tmp_path):
     out, first = results
-    cls_bin = first["settings"]["data"]
+    # recorded relative to the output folder, so the results name no folder of this machine
+    assert first["settings"]["data"] == os.path.join("data", "cls-bin")
+    cls_bin = os.path.join(out, first["settings"]["data"])
     again = str(tmp_path / "again")
     run(finetune_command("--output-dir", again, "--data-bin", cls_bin, "--models", "hash",
                          "--tasks", "classify", *TINIEST, "--finetune-updates", "10", "--validate-every", "10"))
     with open(os.path.join(again, "results.json")) as f:
         data = json.load(f)
-    assert data["settings"]["data"] == cls_bin and data["settings"]["classes"] == 2
+    assert data["settings"]["data"] == os.path.relpath(cls_bin, again)
+    assert data["settings"]["classes"] == 2
     assert [r["model"] for r in data["rows"]] == ["hash"] and data["rows"][0]["ok"]
     assert not os.path.exists(os.path.join(again, "data"))  # nothing prepared again
 
@@ -172,7 +175,7 @@ def test_seq2seq_rows_of_every_model_report_perplexity_and_bleu(seq2seq_results)
     assert "## Next utterance" in table and "| upcycled | 2 |" in table
     assert "## Classification" not in table
     # fine-tuning is on the dialogues, with the pretraining data-bin's dictionary
-    pre, fine = (data["settings"][f"s2s_{s}_data"] for s in ("pretrain", "finetune"))
+    pre, fine = (os.path.join(out, data["settings"][f"s2s_{s}_data"]) for s in ("pretrain", "finetune"))
     with open(os.path.join(pre, "dict.src.txt")) as a, open(os.path.join(fine, "dict.src.txt")) as b:
         assert a.read() == b.read()
     assert data["settings"]["s2s_finetune_sizes"].split("/")[0] != "0"

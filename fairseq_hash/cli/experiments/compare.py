@@ -19,18 +19,20 @@ and the tables give each number's mean and standard deviation. The results go
 to ``OUTPUT/results.md``, ``OUTPUT/results.json`` and ``OUTPUT/curves.png``.
 """
 import argparse
-import json
 import logging
-import math
 import os
 import shutil
 import sys
 import time
 
-from .fairseq_runner import device_flags, json_record, run_fairseq
-from .seeds import curve_spread, format_spread, mean_sd, plot_spread, relative_curve, seed_list
-from .tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS
-from .user_dir import user_dir
+from ...errors import HashConfigError
+from ..command import command
+from ..fairseq_runner import device_flags, json_record, run_fairseq
+from ..tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS
+from ..user_dir import user_dir
+from .options import check_positive, fill_presets, parse_names, preset_flags
+from .results import (figure, fmt, format_spread, markdown_table, over_seeds, plot_spread,
+                      recorded_path, seed_list, settings_line, write_json)
 
 # model name -> fairseq-train arguments that make it
 MODELS = {
@@ -62,26 +64,14 @@ PRESETS = {
                     max_update=400, validate_every=50, lr=0.002, warmup_updates=50, dropout=0.1),
 }
 
-class CompareError(Exception):
-    """Bad input: printed as one line naming the flag or file."""
-
-
-def parse_models(spec):
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    bad = [n for n in names if n not in MODELS]
-    if bad or not names:
-        raise CompareError(f"--models {spec!r}: unknown {', '.join(bad) or '(empty)'}; "
-                           f"valid: {','.join(MODELS)}")
-    return list(dict.fromkeys(names))
-
-
 def parse_experts(spec):
     try:
         ks = [int(s) for s in str(spec).split(",") if s.strip()]
     except ValueError:
         ks = []
     if not ks or any(k < 2 for k in ks):
-        raise CompareError(f"--experts {spec!r}: expected integers >= 2, comma-separated (e.g. 16 or 4,16)")
+        raise HashConfigError(f"--experts {spec!r}: expected integers >= 2, comma-separated "
+                              "(e.g. 16 or 4,16)")
     return list(dict.fromkeys(ks))
 
 
@@ -201,8 +191,8 @@ def run_one(cfg, data_bin, out_dir, name, model, k, seed, index, count):
     if not cfg.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     row = summarise(name, model, k, seed, train, eval_ppl, time.time() - start)
-    print(f"{tag} done in {row['seconds']:.0f}s: valid ppl {_fmt(row['valid_ppl'], 2)}, "
-          f"test ppl {_fmt(row['test_ppl'], 2)}", flush=True)
+    print(f"{tag} done in {row['seconds']:.0f}s: valid ppl {fmt(row['valid_ppl'], 2)}, "
+          f"test ppl {fmt(row['test_ppl'], 2)}", flush=True)
     return row
 
 
@@ -211,75 +201,34 @@ SPREAD_KEYS = ("valid_ppl", "test_ppl", "train_wps", "aux_loss", "dropped")
 
 def aggregate(runs):
     """One row per model: every seed's numbers as mean and standard deviation."""
-    dense = {r["seed"]: r["curve"] for r in runs if r["model"] == "dense"}
-    rows = []
-    for name in dict.fromkeys(r["name"] for r in runs):
-        mine = [r for r in runs if r["name"] == name]
-        ok = [r for r in mine if r["ok"]]
-        first = mine[0]
-        row = {k: first[k] for k in ("name", "model", "experts", "total_params", "active_params")}
-        row["seeds"] = [r["seed"] for r in ok]
-        row["seeds_run"] = [r["seed"] for r in mine]
-        row["ok"] = len(ok) == len(mine)
-        for key in SPREAD_KEYS:
-            row[key], row[key + "_sd"] = mean_sd([r[key] for r in ok])
-            row[key + "_by_seed"] = [r[key] for r in mine]
-        spread = curve_spread([r["curve"] for r in ok if r["curve"]])
-        row["curve"] = [(u, m) for u, m, _ in spread]
-        row["curve_sd"] = [(u, sd) for u, _, sd in spread]
-        relative = [relative_curve(r["curve"], dense[r["seed"]]) for r in ok if r["seed"] in dense]
-        row["relative_curve"] = curve_spread(relative) if first["model"] != "dense" else []
-        rows.append(row)
-    return rows
-
-
-def _fmt(v, digits=2, pct=False):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if pct:
-        return f"{100 * v:.{digits}f}%"
-    if isinstance(v, int) or float(v).is_integer() and abs(v) >= 1000:
-        return f"{int(v):,}"
-    return f"{v:.{digits}f}"
-
-
-def _fmt_spread(row, key, digits=2, pct=False):
-    mean, sd = row[key], row[key + "_sd"]
-    if pct:
-        return _fmt(mean, digits, pct) + ("" if sd is None else f" ± {100 * sd:.{digits}f}")
-    return format_spread(mean, sd, digits)
+    return over_seeds(runs, "name", ["model", "experts", "total_params", "active_params"],
+                      SPREAD_KEYS, "curve")
 
 
 def write_markdown(path, rows, settings):
     seeds = max((len(r["seeds"]) for r in rows), default=1)
-    lines = [
-        "# fairseq-hash-compare",
-        "",
-        "| model | experts | total params | active params / token | valid ppl | test ppl "
-        "| train words/s | aux loss | tokens dropped |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['name']}{'' if r['ok'] else ' (failed)'} | {r['experts'] or '-'} "
-            f"| {_fmt(r['total_params'])} | {_fmt(r['active_params'])} "
-            f"| {_fmt_spread(r, 'valid_ppl')} | {_fmt_spread(r, 'test_ppl')} "
-            f"| {_fmt_spread(r, 'train_wps', 0)} | {_fmt_spread(r, 'aux_loss', 3)} "
-            f"| {_fmt_spread(r, 'dropped', 1, pct=True)} |")
+
+    def spread(row, key, digits=2, pct=False):
+        return format_spread(row[key], row[key + "_sd"], digits, pct)
+
+    lines = ["# fairseq-hash-compare", "", *markdown_table(
+        ["model", "experts", "total params", "active params / token", "valid ppl", "test ppl",
+         "train words/s", "aux loss", "tokens dropped"],
+        [[f"{r['name']}{'' if r['ok'] else ' (failed)'}", r["experts"] or "-",
+          fmt(r["total_params"]), fmt(r["active_params"]), spread(r, "valid_ppl"),
+          spread(r, "test_ppl"), spread(r, "train_wps", 0), spread(r, "aux_loss", 3),
+          spread(r, "dropped", 1, pct=True)] for r in rows])]
     if seeds > 1:
-        lines += ["", "Test perplexity of each seed:", "",
-                  "| model | " + " | ".join(f"seed {s}" for s in rows[0]["seeds_run"]) + " |",
-                  "|---|" + "---:|" * len(rows[0]["seeds_run"])]
-        for r in rows:
-            lines.append(f"| {r['name']} | "
-                         + " | ".join(_fmt(v) for v in r["test_ppl_by_seed"]) + " |")
-    spread = (f"Each number is the mean over {seeds} seeds ± their sample standard deviation; "
-              "the seed sets initialisation and data order. " if seeds > 1 else
-              "One seed: differences smaller than a second seed would move them cannot be "
-              "told apart (run --seeds 3). ")
+        lines += ["", "Test perplexity of each seed:", "", *markdown_table(
+            ["model", *(f"seed {s}" for s in rows[0]["seeds_run"])],
+            [[r["name"], *map(fmt, r["test_ppl_by_seed"])] for r in rows])]
+    spread_note = (f"Each number is the mean over {seeds} seeds ± their sample standard deviation; "
+                   "the seed sets initialisation and data order. " if seeds > 1 else
+                   "One seed: differences smaller than a second seed would move them cannot be "
+                   "told apart (run --seeds 3). ")
     lines += [
         "",
-        spread + "Perplexities are per sentencepiece token (base-2 loss, as fairseq reports) "
+        spread_note + "Perplexities are per sentencepiece token (base-2 loss, as fairseq reports) "
         "of the model after the last update, scored by fairseq-eval-lm on every token of "
         "the split. Words/s, aux loss (summed over routed layers) and tokens dropped "
         "(share of expert slots over capacity, training only) are means over training "
@@ -291,7 +240,7 @@ def write_markdown(path, rows, settings):
         "batch whose size is not a multiple of --required-batch-size-multiple (8): here "
         "blocks that --seed picks, so its numbers differ a little from fairseq-eval-lm's.",
         "",
-        "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
+        settings_line(settings),
         "",
     ]
     with open(path, "w", encoding="utf-8") as f:
@@ -299,42 +248,33 @@ def write_markdown(path, rows, settings):
 
 
 def write_curves(path, rows):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, (ax, rel) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in rows:
-        style = dict(marker="o", markersize=3, label=r["name"])
-        line = plot_spread(ax, [(u, m, sd) for (u, m), (_, sd) in zip(r["curve"], r["curve_sd"])],
-                           **style)
-        if line is not None:
-            plot_spread(rel, r["relative_curve"], color=line.get_color(), **style)
-    seeds = max((len(r["seeds"]) for r in rows), default=1)
-    over = f"mean of {seeds} seeds ± sd" if seeds > 1 else "one seed"
-    ax.set_ylabel("validation perplexity (fairseq-train's log)")
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_title(f"validation perplexity, {over}")
-    rel.axhline(1.0, color="black", linewidth=1)
-    rel.set_ylabel("validation perplexity / dense's")
-    rel.set_title("relative to dense, same seed and update")
-    for a in (ax, rel):
-        a.set_xlabel("updates")
-        a.grid(True, which="both", alpha=0.3)
-        a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 2) as (ax, rel):
+        for r in rows:
+            style = dict(marker="o", markersize=3, label=r["name"])
+            line = plot_spread(ax, r["curve"], **style)
+            if line is not None:
+                plot_spread(rel, r["relative_curve"], color=line.get_color(), **style)
+        seeds = max((len(r["seeds"]) for r in rows), default=1)
+        over = f"mean of {seeds} seeds ± sd" if seeds > 1 else "one seed"
+        ax.set_ylabel("validation perplexity (fairseq-train's log)")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_title(f"validation perplexity, {over}")
+        rel.axhline(1.0, color="black", linewidth=1)
+        rel.set_ylabel("validation perplexity / dense's")
+        rel.set_title("relative to dense, same seed and update")
+        for a in (ax, rel):
+            a.set_xlabel("updates")
+            a.grid(True, which="both", alpha=0.3)
+            a.legend(fontsize=8)
 
 
 def write_results(out_dir, runs, settings):
     rows = aggregate(runs)
-    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"settings": settings, "rows": rows, "runs": runs}, f, indent=2)
+    write_json(os.path.join(out_dir, "results.json"), {"settings": settings, "rows": rows, "runs": runs})
     write_markdown(os.path.join(out_dir, "results.md"), rows, settings)
     write_curves(os.path.join(out_dir, "curves.png"), rows)
     return rows
@@ -342,8 +282,8 @@ def write_results(out_dir, runs, settings):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="fairseq-hash-compare", description="Train dense, hash and learned-routing language models with identical "
-        "settings and tabulate them side by side.")
+        prog="fairseq-hash-compare", description="Train dense, hash and learned-routing "
+        "language models with identical settings and tabulate them side by side.")
     p.add_argument("--output-dir", required=True,
                    help="folder for results.md, results.json, curves.png, data/ and the "
                    "runs/NAME/seedS/ logs")
@@ -359,25 +299,26 @@ def build_parser():
     data.add_argument("--data-bin", metavar="DIR",
                       help="an existing fairseq language-modelling data-bin (dict.txt, train, "
                       "valid and test splits) to use as it is")
-    size = p.add_argument_group("sizes (defaults in brackets: tiny preset, default preset)")
-    size.add_argument("--experts", help="K, experts per routed layer; a comma-separated list "
-                      "(e.g. 4,16) trains every routed model once per K")
-    size.add_argument("--layers", type=int, help="decoder layers")
-    size.add_argument("--embed-dim", type=int, help="model width d")
-    size.add_argument("--ffn-dim", type=int, help="FFN hidden width, of the dense FFN and of each expert")
-    size.add_argument("--heads", type=int, help="attention heads")
-    size.add_argument("--hash-layer", help="0-based decoder layers whose FFN is routed "
-                      "(comma-separated, negative from the end), the same for every routed model")
-    size.add_argument("--tokens-per-sample", type=int, help="tokens in each training block")
-    size.add_argument("--max-tokens", type=int, help="tokens in each batch")
-    size.add_argument("--max-update", type=int, help="training updates of every model")
-    size.add_argument("--validate-every", type=int, help="updates between validations (the curve's points)")
-    size.add_argument("--lr", type=float, help="peak learning rate (Adam, inverse square root schedule)")
-    size.add_argument("--warmup-updates", type=int,
-                      help="updates of linear learning-rate warm-up (at least 1)")
-    size.add_argument("--dropout", type=float, help="dropout of every model")
-    size.add_argument("--max-lines", type=int, help="lines of the built-in corpus or --text to use (0: all)")
-    size.add_argument("--vocab-size", type=int, help="sentencepiece vocabulary size")
+    add = preset_flags(p.add_argument_group(
+        "sizes (defaults in brackets: tiny preset, default preset)"), PRESETS)
+    add("--experts", help="K, experts per routed layer; a comma-separated list "
+        "(e.g. 4,16) trains every routed model once per K")
+    add("--layers", type=int, help="decoder layers")
+    add("--embed-dim", type=int, help="model width d")
+    add("--ffn-dim", type=int, help="FFN hidden width, of the dense FFN and of each expert")
+    add("--heads", type=int, help="attention heads")
+    add("--hash-layer", help="0-based decoder layers whose FFN is routed "
+        "(comma-separated, negative from the end), the same for every routed model")
+    add("--tokens-per-sample", type=int, help="tokens in each training block")
+    add("--max-tokens", type=int, help="tokens in each batch")
+    add("--max-update", type=int, help="training updates of every model")
+    add("--validate-every", type=int, help="updates between validations (the curve's points)")
+    add("--lr", type=float, help="peak learning rate (Adam, inverse square root schedule)")
+    add("--warmup-updates", type=int,
+        help="updates of linear learning-rate warm-up (at least 1)")
+    add("--dropout", type=float, help="dropout of every model")
+    add("--max-lines", type=int, help="lines of the built-in corpus or --text to use (0: all)")
+    add("--vocab-size", type=int, help="sentencepiece vocabulary size")
     p.add_argument("--seed", type=int, default=1,
                    help="seed of every run: initialisation and data order (default 1)")
     p.add_argument("--seeds", type=int, default=1,
@@ -392,48 +333,33 @@ def build_parser():
                    help=f"fairseq optimizer of every run: {OPTIMIZER_HELP} (default adam)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep each run's checkpoint_last.pt (deleted after evaluation otherwise)")
-    show_presets(size, PRESETS)
     return p
-
-
-def show_presets(group, presets):
-    """End the help of each flag of ``group`` with its value in each preset: `` [tiny, default]``."""
-    for action in group._group_actions:  # argparse keeps a group's flags here, and nowhere public
-        action.help += " [" + ", ".join(str(presets[n][action.dest]) for n in ("tiny", "default")) + "]"
 
 
 def resolve(args):
     """Fill the flags left unset from the preset and check them."""
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.model_list = parse_models(args.models)
+    fill_presets(args, PRESETS)
+    args.model_list = parse_names("--models", args.models, MODELS)
     args.expert_list = parse_experts(args.experts)
-    for flag in ("seeds", "layers", "embed_dim", "ffn_dim", "heads", "tokens_per_sample", "max_tokens",
-                 "max_update", "validate_every", "warmup_updates", "vocab_size"):
-        if getattr(args, flag) < 1:
-            raise CompareError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    check_positive(args, ("seeds", "layers", "embed_dim", "ffn_dim", "heads", "tokens_per_sample",
+                          "max_tokens", "max_update", "validate_every", "warmup_updates", "vocab_size"))
     if args.embed_dim % args.heads:
-        raise CompareError(f"--embed-dim {args.embed_dim} must be a multiple of --heads {args.heads}")
+        raise HashConfigError(f"--embed-dim {args.embed_dim} must be a multiple of --heads {args.heads}")
     if args.max_tokens < args.tokens_per_sample:
-        raise CompareError(f"--max-tokens {args.max_tokens} must be at least --tokens-per-sample "
-                           f"{args.tokens_per_sample}")
+        raise HashConfigError(f"--max-tokens {args.max_tokens} must be at least --tokens-per-sample "
+                              f"{args.tokens_per_sample}")
     if args.data_bin and not os.path.isfile(os.path.join(args.data_bin, "dict.txt")):
-        raise CompareError(f"--data-bin {args.data_bin}: no dict.txt there; give a folder made by "
-                           "fairseq-preprocess (or fairseq-hash-prepare's data-bin)")
+        raise HashConfigError(f"--data-bin {args.data_bin}: no dict.txt there; give a folder made by "
+                              "fairseq-preprocess (or fairseq-hash-prepare's data-bin)")
     for path in args.text or []:
         if not os.path.isfile(path):
-            raise CompareError(f"--text {path}: no such file")
+            raise HashConfigError(f"--text {path}: no such file")
     return args
 
 
+@command("fairseq-hash-compare")
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = resolve(args)
-    except CompareError as e:
-        print(f"fairseq-hash-compare: error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve(build_parser().parse_args(argv))
     logging.basicConfig(level=logging.INFO, force=True,
                         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
@@ -442,7 +368,7 @@ def main(argv=None):
     if cfg.data_bin:
         data_bin = os.path.abspath(cfg.data_bin)
     else:
-        from .prepare import prepare
+        from ..data.prepare import prepare
 
         print("preparing data (sentencepiece, fairseq-preprocess) ...", flush=True)
         data_bin = os.path.abspath(prepare(os.path.join(cfg.output_dir, "data"), cfg.text,
@@ -452,7 +378,7 @@ def main(argv=None):
         "preset", "layers", "embed_dim", "ffn_dim", "heads", "hash_layer", "tokens_per_sample",
         "max_tokens", "max_update", "lr", "warmup_updates", "dropout", "seed", "seeds",
         "capacity_factor", "aux_loss_weight", "optimizer")}
-    settings["data"] = data_bin
+    settings["data"] = recorded_path(cfg.data_bin or data_bin, cfg.output_dir)
     settings["command"] = " ".join(["fairseq-hash-compare", *(sys.argv[1:] if argv is None else argv)])
     # seed by seed: an interrupted comparison holds whole seeds
     plan = [(seed, *run) for seed in seed_list(cfg.seed, cfg.seeds) for run in runs]

@@ -1,4 +1,4 @@
-"""The seq2seq half of ``fairseq-hash-finetune``: next-utterance pretraining, fine-tuning, BLEU.
+"""The next-utterance task of ``fairseq-hash-finetune``: seq2seq pretraining, fine-tuning, BLEU.
 
 Following the paper's dialogue experiments (pretrain on one body of
 conversations, fine-tune on a smaller one), every model is a fairseq
@@ -22,10 +22,13 @@ import os
 import re
 import shutil
 
-from .fairseq_runner import device_flags, run_fairseq
-from .next_utterance import next_utterance_pairs, read_conversations, write_pair_splits
-from .prepare import encode_file, train_sentencepiece
-from .user_dir import user_dir
+from ...errors import HashConfigError
+from ..data.corpus import builtin_corpus_items, encode_file, train_sentencepiece
+from ..data.next_utterance import next_utterance_pairs, read_conversations, write_pair_splits
+from ..fairseq_runner import device_flags, run_fairseq
+from ..user_dir import user_dir
+from .finetune_stages import SPLITS, common_args, starting_point
+from .results import fmt, markdown_table, recorded_path
 
 MODELS = {
     "dense": ["--arch", "transformer"],
@@ -43,8 +46,6 @@ def builtin_conversations(packages):
     A conversation is one module's docstring paragraphs in order; the modules of
     ``packages`` (top-level names) are fine-tuning's, the rest pretraining's.
     """
-    from .prepare import builtin_corpus_items
-
     by_module = {}
     for name, line in builtin_corpus_items():
         by_module.setdefault(name, []).append(line)
@@ -89,13 +90,12 @@ def build_data(out_dir, conversations, vocab_size, valid_pct, test_pct):
                        "--tgtdict", os.path.join(bins["pretrain"], "dict.tgt.txt")])
         tmp = bins[stage] + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        done = run_fairseq("fairseq-preprocess", [
+        run_fairseq("fairseq-preprocess", [
             "--source-lang", "src", "--target-lang", "tgt", *dictionary,
-            *[a for s in ("train", "valid", "test")
+            *[a for s in SPLITS
               for a in (f"--{s}pref", os.path.join(raw[stage], "spm", s))],
-            "--destdir", tmp, "--workers", "1"], os.path.join(data, f"preprocess_s2s_{stage}.log"))
-        if not done.ok:
-            raise RuntimeError(f"fairseq-preprocess failed ({done.last_line()}); see {done.log_path}")
+            "--destdir", tmp, "--workers", "1"],
+            os.path.join(data, f"preprocess_s2s_{stage}.log")).checked()
         os.replace(tmp, bins[stage])  # a half-written data-bin is never left behind
     return bins
 
@@ -104,8 +104,8 @@ def read_dialogues(path):
     """Conversations of a ``--dialogues`` file, or a one-line error naming it."""
     conversations = read_conversations([path])
     if not next_utterance_pairs(conversations):
-        raise ValueError(f"--dialogues {path}: no conversation of two turns or more; give one turn "
-                         "a line and a blank line between conversations")
+        raise HashConfigError(f"--dialogues {path}: no conversation of two turns or more; give one turn "
+                              "a line and a blank line between conversations")
     return conversations
 
 
@@ -123,7 +123,7 @@ def shape_args(cfg, model):
     return args
 
 
-def train_args(cfg, data_bin, model, lr, updates, save_dir, common_args):
+def train_args(cfg, data_bin, model, lr, updates, save_dir):
     return [str(a) for a in [
         data_bin, "--user-dir", user_dir(), "--task", "translation", "--source-lang", "src",
         "--target-lang", "tgt", "--truncate-source", "--skip-invalid-size-inputs-valid-test",
@@ -147,46 +147,7 @@ def generated(run):
     return (bleu[-1] if bleu else None), (count[-1] if count else None)
 
 
-def upcycle(cfg, dense_checkpoint, output, log_path, side_flags):
-    """``fairseq-hash-upcycle`` the dense pretrained checkpoint; returns (ok, last line)."""
-    if os.path.exists(output):
-        os.remove(output)  # the tool refuses to overwrite; this run made it
-    done = run_fairseq("fairseq-hash-upcycle", [
-        dense_checkpoint, "--output", output, "--hash-experts", cfg.experts, "--hash-type",
-        "balanced", "--hash-seed", "1", *[a for flag in side_flags for a in (flag, cfg.hash_layer)]],
-        log_path)
-    return done.ok and os.path.isfile(output), done.last_line()
-
-
-def starting_point(cfg, run_dir, dense_dir, model, tag, objective, side_flags, pretrain_args):
-    """The checkpoint a model's fine-tuning starts from, and its pretraining run.
-
-    ``dense`` and ``hash`` pretrain in ``run_dir`` (``pretrain_args(save_dir)`` are
-    fairseq-train's arguments); ``upcycled`` is the checkpoint dense pretrained in
-    ``dense_dir`` through ``fairseq-hash-upcycle`` with ``side_flags`` set to
-    ``--hash-layer``, and has no pretraining run. The checkpoint is None on failure,
-    which is printed.
-    """
-    if model == "upcycled":
-        dense = os.path.join(dense_dir, "pretrain", "checkpoint_last.pt")
-        checkpoint = os.path.join(run_dir, "upcycled.pt")
-        print(f"{tag} fairseq-hash-upcycle of the dense pretrained model", flush=True)
-        ok, last = (upcycle(cfg, dense, checkpoint, os.path.join(run_dir, "upcycle.log"), side_flags)
-                    if os.path.isfile(dense) else (False, f"no dense checkpoint {dense}"))
-        if not ok:
-            print(f"{tag} upcycling failed: {last}", flush=True)
-        return (checkpoint if ok else None), None
-    pre_dir = os.path.join(run_dir, "pretrain")
-    print(f"{tag} {objective} pretraining, {cfg.pretrain_updates} updates", flush=True)
-    pre = run_fairseq("fairseq-train", pretrain_args(pre_dir), os.path.join(run_dir, "pretrain.log"))
-    checkpoint = os.path.join(pre_dir, "checkpoint_last.pt")
-    if not pre.ok or not os.path.exists(checkpoint):
-        print(f"{tag} pretraining failed: {pre.last_line()}; see {pre.log_path}", flush=True)
-        return None, pre
-    return checkpoint, pre
-
-
-def run_model(cfg, bins, model, tag, common_args):
+def run_model(cfg, bins, model, tag):
     """Pretrain (or upcycle), fine-tune and decode one seq2seq model; returns its row."""
     run_dir = os.path.join(cfg.output_dir, "runs", f"s2s-{model}")
     os.makedirs(run_dir, exist_ok=True)
@@ -194,9 +155,10 @@ def run_model(cfg, bins, model, tag, common_args):
            "pretrain_valid_ppl": None, "valid_ppl": None, "test_bleu": None, "test_sentences": None,
            "total_params": None, "curve": []}
     checkpoint, pre = starting_point(
-        cfg, run_dir, os.path.join(cfg.output_dir, "runs", "s2s-dense"), model, tag, "next-utterance", ["--encoder-hash-layer", "--decoder-hash-layer"],
+        cfg, run_dir, os.path.join(cfg.output_dir, "runs", "s2s-dense"), model, tag,
+        "next-utterance", ["--encoder-hash-layer", "--decoder-hash-layer"],
         lambda save_dir: train_args(cfg, bins["pretrain"], model, cfg.lr, cfg.pretrain_updates,
-                                    save_dir, common_args))
+                                    save_dir))
     valid = [r for r in pre.records("valid") if "valid_ppl" in r] if pre else []
     row["pretrain_valid_ppl"] = valid[-1]["valid_ppl"] if valid else None
     if checkpoint is None:
@@ -204,8 +166,8 @@ def run_model(cfg, bins, model, tag, common_args):
     fine_dir = os.path.join(run_dir, "finetune")
     print(f"{tag} next-utterance fine-tuning, {cfg.finetune_updates} updates", flush=True)
     fine = run_fairseq("fairseq-train", [
-        *train_args(cfg, bins["finetune"], model, cfg.finetune_lr, cfg.finetune_updates, fine_dir,
-                    common_args), "--finetune-from-model", checkpoint],
+        *train_args(cfg, bins["finetune"], model, cfg.finetune_lr, cfg.finetune_updates, fine_dir),
+        "--finetune-from-model", checkpoint],
         os.path.join(run_dir, "finetune.log"))
     params = fine.parameters()
     if params["shared"] is not None:
@@ -228,14 +190,26 @@ def run_model(cfg, bins, model, tag, common_args):
     return row
 
 
-def table(rows, fmt):
-    lines = ["| model | experts | total params | pretraining valid ppl | fine-tuning valid ppl "
-             "| test BLEU (beam 5) | test pairs decoded |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['model']}{'' if r['ok'] else ' (failed)'} | {r['experts'] or '-'} "
-                     f"| {fmt(r['total_params'])} | {fmt(r['pretrain_valid_ppl'])} "
-                     f"| {fmt(r['valid_ppl'])} | {fmt(r['test_bleu'])} | {fmt(r['test_sentences'])} |")
-    return lines
+def table(rows, settings):
+    """The next-utterance section of results.md."""
+    return [
+        "## Next utterance: seq2seq pretraining and fine-tuning", "",
+        *markdown_table(
+            ["model", "experts", "total params", "pretraining valid ppl", "fine-tuning valid ppl",
+             "test BLEU (beam 5)", "test pairs decoded"],
+            [[f"{r['model']}{'' if r['ok'] else ' (failed)'}", r["experts"] or "-",
+              fmt(r["total_params"]), fmt(r["pretrain_valid_ppl"]), fmt(r["valid_ppl"]),
+              fmt(r["test_bleu"]), fmt(r["test_sentences"])] for r in rows]),
+        "",
+        f"Conversations: {settings['dialogues']}; pairs (line, next line) "
+        f"train/valid/test: pretraining {settings['s2s_pretrain_sizes']}, fine-tuning "
+        f"{settings['s2s_finetune_sizes']}.", "",
+        "Perplexities are fairseq-train's last validation of each stage (per "
+        "sentencepiece token). BLEU is sacrebleu's, from fairseq-generate --beam 5 on the "
+        "fine-tuning test split after the last update, sentencepiece removed; pairs "
+        "whose target is longer than --max-positions are skipped (the sources are "
+        "truncated), so the last column counts the pairs scored.", "",
+    ]
 
 
 def pair_count(data_bin, split):
@@ -243,3 +217,24 @@ def pair_count(data_bin, split):
     from fairseq.data import data_utils
 
     return len(data_utils.load_indexed_dataset(os.path.join(data_bin, f"{split}.src-tgt.src"), None))
+
+
+def prepare_data(cfg, settings, dialogues, packages):
+    """The next-utterance data-bins of both stages; fills their settings."""
+    print("preparing next-utterance data (sentencepiece, fairseq-preprocess) ...", flush=True)
+    pre, fine = builtin_conversations(packages)
+    if dialogues:
+        pre, fine = pre + fine, dialogues
+        settings["dialogues"] = (f"fine-tuning on --dialogues {cfg.dialogues}, pretraining on the "
+                                 "built-in corpus (one module's docstring a conversation)")
+    else:
+        settings["dialogues"] = ("the built-in corpus, one module's docstring paragraphs a "
+                                 "conversation; fine-tuning on the modules of " + ", ".join(packages)
+                                 + ", pretraining on all others")
+    bins = build_data(cfg.output_dir, {"pretrain": pre, "finetune": fine}, cfg.vocab_size,
+                      cfg.valid_pct, cfg.test_pct)
+    for stage, data_bin in bins.items():
+        settings[f"s2s_{stage}_sizes"] = "/".join(
+            str(pair_count(data_bin, split)) for split in SPLITS)
+        settings[f"s2s_{stage}_data"] = recorded_path(data_bin, cfg.output_dir)
+    return bins

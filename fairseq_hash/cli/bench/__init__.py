@@ -1,0 +1,1 @@
+"""Benchmarks: ``fairseq-hash-bench`` (main.py) and its modes, and two benchmark modules."""

@@ -1,0 +1,174 @@
+"""The hash layers' settings: one typed, frozen value, read once from fairseq's ``args``.
+
+    spec = HashLayerSpec.from_args(args)   # our flags, their defaults where args lack them
+    spec.validate(ffn_dim=2048)            # the one-line HashConfigError of the first bad flag
+    moe = build_hash_moe(spec, dictionary, layer_idx, embed_dim=512, ffn_dim=2048)
+
+Tests and tools build one directly: ``HashLayerSpec(total_experts=4, hash_type="random")``.
+Each field names the flag it comes from; the defaults here are the flags'
+defaults (``models/config.py`` holds the flags and their ``--help``, and reads
+its defaults from this class).
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from .errors import HashConfigError
+from .expert_parallel import EXPERT_SAFE_BACKENDS
+from .hashing import build_hash_function
+from .routers import ROUTERS
+from .scores import SCORES
+
+
+def _flag(name: str, default):
+    return field(default=default, metadata={"flag": name})
+
+
+@dataclass(frozen=True)
+class HashLayerSpec:
+    """How every hash layer of a model is built: experts, routing, widths, parallelism."""
+
+    total_experts: int = _flag("--hash-experts", 16)  # K, on all ranks together
+    hash_type: str = _flag("--hash-type", "balanced")
+    hash_seed: int = _flag("--hash-seed", 1)
+    router: str = _flag("--router", "hash")
+    capacity_factor: float = _flag("--capacity-factor", 1.25)
+    num_hashes: int = _flag("--hash-count", 1)  # N of MultiHash
+    hash_file: Optional[str] = _flag("--hash-file", None)
+    topk: int = _flag("--hash-topk", 1)  # experts per token
+    score: str = _flag("--hash-score", "none")
+    score_scale: float = _flag("--hash-score-scale", 1.0)
+    shared_experts: int = _flag("--hash-shared-experts", 0)
+    shared_ffn_dim: int = _flag("--hash-shared-ffn-dim", 0)  # 0: the FFN's width
+    expert_ffn_dim: int = _flag("--hash-expert-ffn-dim", 0)  # 0: the FFN's width
+    parallel_size: int = _flag("--moe-expert-parallel-size", 0)  # P; 0: chosen from the world
+    dispatch: str = _flag("--moe-dispatch", "alltoall")
+    ddp_backend: Optional[str] = None  # fairseq's --ddp-backend, where the model sees it
+
+    @classmethod
+    def from_args(cls, args) -> "HashLayerSpec":
+        """From fairseq's ``args`` (argparse Namespace or a dataclass model's config)."""
+        values = {f.name: getattr(args, f.metadata["flag"][2:].replace("-", "_"), f.default)
+                  for f in dataclasses.fields(cls) if "flag" in f.metadata}
+        return cls(**values, ddp_backend=ddp_backend_of(args))
+
+    @property
+    def learned(self) -> bool:
+        """A learned router (switch, top2, base) rather than a hash."""
+        return self.router != "hash"
+
+    def expert_width(self, ffn_dim: int) -> int:
+        return self.expert_ffn_dim or ffn_dim
+
+    def shared_width(self, ffn_dim: int) -> int:
+        return self.shared_ffn_dim or ffn_dim
+
+    def validate(self, ffn_dim: Optional[int] = None, ffn_flag: str = "--decoder-ffn-embed-dim",
+                 world_size: int = 1):
+        """Raise the one-line error of the first flag that cannot be built.
+
+        ``ffn_dim`` (the width of the FFNs the hash layers replace, set by
+        ``ffn_flag``) and ``world_size`` (ranks of the data-parallel world)
+        check what depends on the model and the launch.
+        """
+        K, k, N = self.total_experts, self.topk, self.num_hashes
+        if K < 2:
+            raise HashConfigError(f"--hash-experts {K}: must be at least 2")
+        build_hash_function(self.hash_type)  # raises for an unknown --hash-type
+        if self.router not in ROUTERS:
+            raise HashConfigError(f"--router {self.router!r} is unknown; valid: {', '.join(ROUTERS)}")
+        if self.router == "switch" and not self.capacity_factor > 0:
+            raise HashConfigError(f"--capacity-factor {self.capacity_factor}: must be positive")
+        if not 1 <= k <= K:
+            raise HashConfigError(f"--hash-topk {k}: must lie in [1, --hash-experts {K}]")
+        if k > 1 and N > 1:
+            raise HashConfigError(f"--hash-topk {k} with --hash-count {N}: MultiHash already "
+                                  f"sends a token to {N} expert segments; use one of the two")
+        self._check_score()
+        if self.learned and (k > 1 or self.score != "none"):
+            raise HashConfigError("--hash-topk and --hash-score need --router hash (learned routers "
+                                  "choose and weigh their experts themselves)")
+        if self.shared_experts < 0:
+            raise HashConfigError(f"--hash-shared-experts {self.shared_experts}: must be 0 or more")
+        for flag, width in (("--hash-expert-ffn-dim", self.expert_ffn_dim),
+                            ("--hash-shared-ffn-dim", self.shared_ffn_dim)):
+            if width < 0:
+                raise HashConfigError(f"{flag} {width}: must be a positive width, or 0 for the "
+                                      f"width of the FFN it replaces")
+        if N < 1:
+            raise HashConfigError(f"--hash-count {N}: must be at least 1")
+        if self.learned and N > 1:
+            raise HashConfigError(f"--hash-count {N} needs --router hash (MultiHash is a hash router)")
+        if ffn_dim is not None:
+            self._check_width(ffn_dim, ffn_flag)
+        if self.dispatch not in ("alltoall", "alltoall-exact", "fairscale"):
+            raise HashConfigError(f"--moe-dispatch {self.dispatch!r} is unknown; valid: alltoall, "
+                                  f"alltoall-exact, fairscale")
+        P = self.parallel_size_for(world_size)
+        if world_size > 1:
+            if self.ddp_backend is not None and self.ddp_backend not in EXPERT_SAFE_BACKENDS:
+                raise HashConfigError(
+                    f"--ddp-backend {self.ddp_backend} cannot keep hash-layer experts correct on "
+                    f"several ranks; use --ddp-backend legacy_ddp (CPU or GPU) or pytorch_ddp (GPU)")
+            if self.router == "base" and P > 1:
+                raise HashConfigError(
+                    "--router base solves one assignment over one process's tokens; with "
+                    "experts on several ranks use --router hash, switch or top2, or "
+                    "--moe-expert-parallel-size 1 (every expert on every rank)")
+
+    def _check_score(self):
+        if self.score not in SCORES:
+            raise HashConfigError(f"--hash-score {self.score!r} is unknown; valid: {', '.join(SCORES)}")
+        if self.score == "softmax" and self.topk == 1:
+            raise HashConfigError("--hash-score softmax over --hash-topk 1 expert is always 1; use "
+                                  "sigmoid or sqrt-softplus, or --hash-topk 2 or more")
+        if not self.score_scale > 0:
+            raise HashConfigError(f"--hash-score-scale {self.score_scale}: must be positive")
+
+    def _check_width(self, ffn_dim: int, ffn_flag: str):
+        width = self.expert_width(ffn_dim)
+        if self.expert_ffn_dim:
+            ffn_flag = "--hash-expert-ffn-dim"
+        if width % self.num_hashes:
+            valid = [n for n in range(1, min(width, 16) + 1) if width % n == 0]
+            raise HashConfigError(f"--hash-count {self.num_hashes} must divide the FFN width "
+                                  f"{ffn_flag} {width}; valid counts include {valid}")
+
+    def parallel_size_for(self, world_size: int) -> int:
+        """P, the ranks that share a layer's experts, in a world of ``world_size`` ranks.
+
+        ``--moe-expert-parallel-size`` where given; else P = W when W divides
+        K (K/W experts a rank), P = K when K divides W.
+        """
+        K, P = self.total_experts, self.parallel_size
+        if P < 0:
+            raise HashConfigError(f"--moe-expert-parallel-size {P}: must be 0 (chosen from the "
+                                  f"world size) or more")
+        if world_size == 1:
+            if P > 1:
+                raise HashConfigError(f"--moe-expert-parallel-size {P} needs {P} or more ranks; "
+                                      f"this is one process")
+            return 1
+        if P:
+            if K % P or world_size % P:
+                raise HashConfigError(f"--moe-expert-parallel-size {P} must divide both "
+                                      f"--hash-experts {K} and the world size {world_size}")
+            return P
+        if K % world_size == 0:
+            return world_size
+        if world_size % K == 0:
+            return K
+        raise HashConfigError(
+            f"--hash-experts {K} and a world of {world_size} ranks: neither divides the other; "
+            f"set --moe-expert-parallel-size P to a P that divides both")
+
+
+def ddp_backend_of(args) -> Optional[str]:
+    """fairseq's --ddp-backend, wherever this kind of model config keeps it."""
+    backend = getattr(args, "ddp_backend", None)  # argparse-style models see every flag
+    if backend is None and OmegaConf.is_config(args) and args._get_parent() is not None:
+        # a dataclass model's config is one node of fairseq's whole config
+        backend = OmegaConf.select(args._get_parent(), "distributed_training.ddp_backend")
+    return backend
