@@ -103,6 +103,7 @@ class MoELayer(nn.Module):
         self.exchange = exchange
         self.parallel_size = getattr(getattr(exchange, "layout", None), "parallel_size", 1)
         self.route: Optional[Route] = None  # of the running forward pass, set by the model
+        self.layout = None  # expert_parallel.ExpertLayout on several ranks (set by moe_factory)
         self.aux_loss = None  # of the last forward, read by the criterion
         self.last_indices = None  # of the last forward, read by routing reports
         self.num_dropped = 0
