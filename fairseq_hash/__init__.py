@@ -10,7 +10,9 @@ from . import criterions, hashing, models, optim  # noqa: E402,F401
 from .distributed_checkpoints import install_checkpoint_loading  # noqa: E402
 from .offload import install_offload_loading  # noqa: E402
 
-install_checkpoint_loading()  # sharded checkpoints, before fairseq loads any
+# sharded and one-file checkpoints of any layout on any number of ranks,
+# before fairseq loads any
+install_checkpoint_loading()
 # inert unless --model-overrides asks for hash_offload_experts; wraps the loader above
 install_offload_loading()
 

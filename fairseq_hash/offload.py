@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from .errors import HashConfigError
 from .expert_shards import ROWS, is_rows, read_rows
 from .expert_threads import for_expert_groups
+from .grouped_mm import ExpertRows
 from .experts import dropout_inactive, fused_activation
 
 logger = logging.getLogger(__name__)
@@ -558,8 +559,9 @@ class OffloadedExperts(nn.Module):
         """Make the cache load in the model's dtype, onto its device."""
         self.cache.set_target(self.like.dtype, self.like.device)
 
-    def forward(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
-        # x: [S, d] sorted by expert; counts[e] rows for expert e
+    def forward(self, x: torch.Tensor, counts) -> torch.Tensor:
+        # x: [S, d] sorted by expert; counts[e] rows for expert e (ints or ExpertRows)
+        counts = ExpertRows.of(counts).counts
         if self.key is None:
             self.cache.set_target(self.like.dtype, self.like.device)  # raises: no source
         self.prepare()
@@ -628,27 +630,23 @@ def build_expert_cache(spec) -> Optional[ExpertCache]:
     return ExpertCache(spec.expert_cache, prefetch=spec.offload_experts == "prefetch")
 
 
-def plan_prefetch(moe_layers, inputs, plans: dict) -> dict:
+def plan_prefetch(moe_layers, plans: dict) -> dict:
     """Every offloaded hash layer's experts for one forward pass, in its ``LayerPlan``
     (``experts``), announced to the cache in the order the layers will use them.
 
-    ``moe_layers`` maps layer index -> MoELayer in the order they run;
-    ``inputs`` are the route inputs the layers will see, so the set is exact.
-    Returns ``plans`` (layer index -> LayerPlan) with the experts filled in.
+    ``moe_layers`` maps layer index -> MoELayer in the order they run; ``plans``
+    (layer index -> LayerPlan) hold each hash layer's counts, computed from the
+    token ids before the first layer (``moe_layer.plan_hash_dispatch``): the
+    experts with rows are exactly those the layer will use. Returns ``plans``.
     """
-    from .route import LayerPlan
-    from .routers import HashRouter
-
     keys, cache = [], None
     for idx, moe in moe_layers.items():
-        experts = moe.experts
-        if (inputs is None or not isinstance(experts, OffloadedExperts)
-                or not experts.cache.prefetch or not isinstance(moe.router, HashRouter)
-                or experts.key is None):
+        experts, plan = moe.experts, plans.get(idx)
+        if (plan is None or plan.counts is None or not isinstance(experts, OffloadedExperts)
+                or not experts.cache.prefetch or experts.key is None):
             continue
         experts.prepare()
-        plan = plans[idx] = plans.get(idx) or LayerPlan()
-        plan.experts = torch.unique(moe.router(None, inputs).indices).tolist()  # [S, k] ->
+        plan.experts = [e for e, n in enumerate(plan.counts) if n]
         keys += [(experts.key, e) for e in plan.experts]
         cache = experts.cache
     if cache is not None:

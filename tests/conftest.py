@@ -30,9 +30,15 @@ def tool(name):
     return os.path.join(BIN, name)
 
 
+_USER_DIR = []  # asked once a session: each start of the tool costs seconds
+
+
 def user_dir():
-    out = subprocess.run([tool("fairseq-hash-user-dir")], capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    if not _USER_DIR:
+        out = subprocess.run([tool("fairseq-hash-user-dir")], capture_output=True, text=True,
+                             check=True)
+        _USER_DIR.append(out.stdout.strip())
+    return _USER_DIR[0]
 
 
 def run(args, cwd=None, check=True):
@@ -154,15 +160,30 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker("integration" if uses_processes or slow else "unit")
 
 
+def _starts_a_tool(args):
+    """Python, or a command beside it (fairseq's tools, ours, torchrun), not a probe like lscpu."""
+    program = str(args.split()[0] if isinstance(args, str) else list(args)[0])
+    return os.path.dirname(program) == BIN or os.path.basename(program).startswith("python")
+
+
 @pytest.fixture(autouse=True)
 def _unit_tests_start_no_process(request, monkeypatch):
-    """Keeps the unit tier fast: a unit test that starts a process fails and says why."""
+    """Keeps the unit tier fast: a unit test that starts Python, fairseq's tools or ours,
+    or a multiprocessing process fails and says why. Other commands (numpy's import
+    runs lscpu) pass."""
     if request.node.get_closest_marker("unit") is None:
         return
+    message = (f"{request.node.nodeid} starts a process: mark it @pytest.mark.integration "
+               "(tests/conftest.py marks it unit)")
+
+    class Popen(subprocess.Popen):
+        def __new__(cls, args, *rest, **kwargs):
+            if _starts_a_tool(args):
+                raise AssertionError(message)
+            return super().__new__(cls)
 
     def refuse(*args, **kwargs):
-        raise AssertionError(f"{request.node.nodeid} starts a process: mark it "
-                             "@pytest.mark.integration (tests/conftest.py marks it unit)")
+        raise AssertionError(message)
 
-    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(subprocess, "Popen", Popen)
     monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)

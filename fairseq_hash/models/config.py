@@ -127,7 +127,8 @@ class HashRoutingConfig(FairseqDataclass):
             "help": "expert parallelism on several ranks: spread each hash layer's "
             "experts over groups of P ranks, K/P experts a rank, the W/P groups being "
             "data-parallel replicas (default 0: P = W when W divides K, else P = K when "
-            "K divides W; 1: every expert on every rank)"
+            "K divides W, cut to a divisor of the ranks of one node: torchrun's "
+            "LOCAL_WORLD_SIZE, else the node's GPUs; 1: every expert on every rank)"
         },
     )
     hash_offload_experts: str = field(
@@ -154,8 +155,9 @@ class HashRoutingConfig(FairseqDataclass):
         default=DEFAULT.dispatch,
         metadata={
             "help": "how tokens reach experts on other ranks: alltoall (sorted by expert, "
-            "padded to the step's largest count, fairscale's all-to-all) or fairscale "
-            "(fairscale's MOELayer with dense dispatch masks, for comparison)"
+            "padded to the step's largest count, fairscale's all-to-all), alltoall-exact "
+            "(torch's all_to_all_single with exact split sizes: no padding rows) or "
+            "fairscale (fairscale's MOELayer with dense dispatch masks, for comparison)"
         },
     )
 
