@@ -9,7 +9,10 @@ of P consecutive ranks. Rank ``j`` of a group holds the experts
 ``[j*K/P, (j+1)*K/P)``; the W/P groups are data-parallel replicas of each
 other, and the ranks holding the same shard (one in each group) form its
 *replica group*. Global expert ``e`` lives on rank ``e // (K/P)`` of every
-expert group, in slot ``e % (K/P)``.
+expert group, in slot ``e % (K/P)``. By default P stays within the ranks of
+one node (:func:`ranks_per_node`, ``HashLayerSpec.parallel_size_for``); P is
+how a run is laid out, not part of the model, so a checkpoint loads under any
+layout (:func:`install_checkpoint_reader`).
 
 Tokens travel to their expert's rank and back through fairscale's MoE
 all-to-all (``fairscale.nn.moe.moe_layer._AllToAll``), which splits its input
@@ -20,6 +23,11 @@ built: rows are placed by index. Hash layers know their counts from the token
 ids before the layer runs, so the decoder gathers every hash layer's counts in
 one collective per forward pass (:func:`gather_counts` on stacked counts).
 
+Every rank must run these collectives in the same order: what would make
+ranks take different paths (LayerDrop, ``--store-ema``, ``--eval-bleu``,
+fairseq's recovery from out-of-memory errors) is refused or made to fail
+(``HashLayerSpec.validate``, :func:`fail_on_out_of_memory`).
+
 Gradients: an expert's gradient sums the contributions of every token routed
 to it anywhere in the global batch. Within a group the all-to-all's backward
 brings them to the expert's rank; across groups :func:`sync_expert_gradients`
@@ -29,15 +37,20 @@ W, matching fairseq's averaging of shared gradients, which it multiplies back
 by W before dividing by the sample size.
 """
 import functools
+import logging
+import os
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+from fairseq import checkpoint_utils
 from fairscale.nn.moe.moe_layer import _AllToAll
 
+from .errors import HashConfigError
 from .route import LayerPlan
 
+logger = logging.getLogger(__name__)
 
 # fairseq's --ddp-backend values that leave ``param.expert`` parameters to us:
 # legacy_ddp skips them; PyTorch's DDP is told to ignore them (see below)
@@ -58,10 +71,25 @@ class ExpertLayout:
         return self.rank % self.parallel_size
 
 
+def ranks_per_node(world_size: int) -> int:
+    """Ranks on this node: torchrun's LOCAL_WORLD_SIZE, else the GPUs fairseq's
+    spawn starts one process on each, else (processes started by hand on CPU)
+    the whole world."""
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local:
+        return min(int(local), world_size)
+    if torch.cuda.is_available():
+        return min(torch.cuda.device_count(), world_size)
+    return world_size
+
+
 @functools.lru_cache(maxsize=None)
 def _groups(world_size: int, parallel_size: int):
     """Every expert group and replica group, created in the same order on all ranks
     (``new_group`` is collective); cached so all hash layers share them."""
+    logger.info(f"expert parallelism: {world_size // parallel_size} expert group(s) of "
+                f"{parallel_size} consecutive rank(s) (--moe-expert-parallel-size "
+                f"{parallel_size})")
     expert_groups = [dist.new_group(list(range(g, g + parallel_size)))
                      for g in range(0, world_size, parallel_size)]
     replica_groups = [dist.new_group(list(range(j, world_size, parallel_size)))
@@ -85,6 +113,98 @@ def expert_layout(parallel_size: int) -> ExpertLayout:
         replica_group=(replica_groups[rank % parallel_size]
                        if world > parallel_size else None),
     )
+
+
+def _contiguous(obj):
+    """Every tensor in nested dicts and lists made contiguous, in place."""
+    if torch.is_tensor(obj):
+        return obj.contiguous()
+    if isinstance(obj, (dict, list)):
+        for key, value in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            obj[key] = _contiguous(value)
+    return obj
+
+
+def _forget_saved_layout(state, overrides):
+    """A checkpoint's --moe-expert-parallel-size is how the run that wrote it was
+    laid out, not part of the model: the reading run picks its own, unless it
+    names one in its overrides (``--model-overrides``, the hub's keywords)."""
+    if "moe_expert_parallel_size" in (overrides or {}):
+        return
+    cfg = state.get("cfg")
+    for model_cfg in (state.get("args"), cfg.get("model") if cfg is not None else None):
+        saved = getattr(model_cfg, "moe_expert_parallel_size", 0) if model_cfg is not None else 0
+        if saved:
+            setattr(model_cfg, "moe_expert_parallel_size", 0)
+            logger.info(f"the checkpoint was trained with --moe-expert-parallel-size {saved}; "
+                        f"this run lays its experts out for its own ranks (to choose: "
+                        f"--model-overrides \"{{'moe_expert_parallel_size': P}}\")")
+
+
+def install_checkpoint_reader():
+    """Wrap fairseq's checkpoint reader (once per process) for any number of ranks.
+
+    - Tensors come back contiguous. On several ranks fairseq's
+      ``Trainer.load_checkpoint`` reads the file on rank 0 and sends it to the
+      others with ``distributed_utils.broadcast_tensors``, which sends a
+      tensor's memory as it lies and has the receivers view it as a contiguous
+      tensor of the same shape: a sliced tensor (the ``argsort(...)[:, :k]``
+      table of a top-k random hash, saved so before routers stored their tables
+      contiguous) arrived scrambled on every rank but 0, which then computed
+      another model (``tests/test_ep_resume.py``).
+    - The saved expert-parallel size is forgotten (:func:`_forget_saved_layout`):
+      fairseq's tools rebuild a model from the checkpoint's flags, and a P of
+      the writing run may be impossible for the reading one.
+    """
+    if getattr(checkpoint_utils.load_checkpoint_to_cpu, "_fairseq_hash", False):
+        return
+    load = checkpoint_utils.load_checkpoint_to_cpu
+
+    @functools.wraps(load)
+    def load_checkpoint_to_cpu(path, arg_overrides=None, *args, **kwargs):
+        state = _contiguous(load(path, arg_overrides, *args, **kwargs))
+        _forget_saved_layout(state, arg_overrides)
+        return state
+
+    load_checkpoint_to_cpu._fairseq_hash = True
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+
+
+def fail_on_out_of_memory():
+    """Make an out-of-memory error in a training or validation step end the run
+    (once per process).
+
+    fairseq's ``Trainer.train_step`` catches it, skips the micro-batch on that
+    rank alone and goes on, and ``valid_step`` retries the batch on that rank
+    alone, while the other ranks are in other collectives: a hang, or
+    collectives paired with the wrong partner. Called with ``raise_oom=True``,
+    both raise instead; we say why in one line.
+    """
+    from fairseq.trainer import Trainer
+
+    for name in ("train_step", "valid_step"):
+        step = getattr(Trainer, name)
+        if not getattr(step, "_fairseq_hash", False):
+            setattr(Trainer, name, _raising_out_of_memory(step, name))
+
+
+def _raising_out_of_memory(step, name):
+    @functools.wraps(step)
+    def step_or_fail(self, sample, raise_oom=False):
+        try:
+            return step(self, sample, raise_oom=True)
+        except RuntimeError as e:
+            if "out of memory" not in str(e):
+                raise
+            what = "a training" if name == "train_step" else "a validation"
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            raise HashConfigError(
+                f"rank {rank} ran out of device memory in {what} step; with "
+                f"expert layers on several ranks fairseq cannot skip or retry a batch on one "
+                f"rank alone: lower --max-tokens or --batch-size") from e
+
+    step_or_fail._fairseq_hash = True
+    return step_or_fail
 
 
 def sync_expert_gradients(params: List[torch.nn.Parameter], layout: ExpertLayout):

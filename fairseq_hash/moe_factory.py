@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from .expert_parallel import AllToAllExchange, expert_layout, sync_expert_gradients, world_size
+from .expert_parallel import (AllToAllExchange, expert_layout, fail_on_out_of_memory,
+                              sync_expert_gradients, world_size)
 from .experts import ExpertFFN
 from .fairscale_dispatch import FairscaleExchange
 from .hashing import build_hash_function, dictionary_fingerprint
@@ -85,6 +86,7 @@ def build_hash_moe(spec: HashLayerSpec, dictionary, layer_idx: int, embed_dim: i
             router = build_learned_router(spec.router, embed_dim, K, spec.capacity_factor)
     if layout is not None:
         sync_expert_gradients(list(experts.parameters()), layout)
+        fail_on_out_of_memory()  # its collectives must not be skipped on one rank
     exchange = build_exchange(spec, layout, experts)
     if spec.shared_experts:
         with torch.random.fork_rng(devices=[]):  # a generator of their own, as the router's

@@ -68,7 +68,9 @@ class HashRouter(nn.Module):
         self.num_experts = num_experts
         self.topk = topk
         self.gate = gate
-        self.register_buffer("table", table.long())
+        # contiguous: fairseq's broadcast of a checkpoint to the other ranks sends
+        # a tensor's storage in memory order (expert_parallel.install_checkpoint_reader)
+        self.register_buffer("table", table.long().contiguous())
         self.register_buffer("dict_fingerprint", torch.tensor([dict_fingerprint]))
         self.register_buffer("hash_type_id", torch.tensor([hash_type_id(hash_fn.name)]))
         # a --hash-file that was not found: the table must come from a checkpoint

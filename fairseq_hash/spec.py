@@ -10,13 +10,14 @@ defaults (``models/config.py`` holds the flags and their ``--help``, and reads
 its defaults from this class).
 """
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 from omegaconf import OmegaConf
 
 from .errors import HashConfigError
-from .expert_parallel import EXPERT_SAFE_BACKENDS
+from .expert_parallel import EXPERT_SAFE_BACKENDS, ranks_per_node
 from .hashing import build_hash_function
 from .routers import ROUTERS
 from .scores import SCORES
@@ -45,14 +46,23 @@ class HashLayerSpec:
     expert_ffn_dim: int = _flag("--hash-expert-ffn-dim", 0)  # 0: the FFN's width
     parallel_size: int = _flag("--moe-expert-parallel-size", 0)  # P; 0: chosen from the world
     dispatch: str = _flag("--moe-dispatch", "alltoall")
-    ddp_backend: Optional[str] = None  # fairseq's --ddp-backend, where the model sees it
+    # fairseq's flags that matter on several ranks, where the model sees them
+    ddp_backend: Optional[str] = None  # --ddp-backend
+    layerdrop: Tuple[Tuple[str, float], ...] = ()  # (--encoder-layerdrop, rate) where not 0
+    store_ema: bool = False  # --store-ema
+    eval_bleu: bool = False  # --eval-bleu
 
     @classmethod
     def from_args(cls, args) -> "HashLayerSpec":
         """From fairseq's ``args`` (argparse Namespace or a dataclass model's config)."""
         values = {f.name: getattr(args, f.metadata["flag"][2:].replace("-", "_"), f.default)
                   for f in dataclasses.fields(cls) if "flag" in f.metadata}
-        return cls(**values, ddp_backend=ddp_backend_of(args))
+        layerdrop = tuple((f"--{side}-layerdrop", getattr(args, f"{side}_layerdrop"))
+                          for side in ("encoder", "decoder")
+                          if getattr(args, f"{side}_layerdrop", 0))
+        return cls(**values, ddp_backend=ddp_backend_of(args), layerdrop=layerdrop,
+                   store_ema=bool(run_setting(args, "ema", "store_ema")),
+                   eval_bleu=bool(run_setting(args, "task", "eval_bleu")))
 
     @property
     def learned(self) -> bool:
@@ -117,6 +127,32 @@ class HashLayerSpec:
                     "--router base solves one assignment over one process's tokens; with "
                     "experts on several ranks use --router hash, switch or top2, or "
                     "--moe-expert-parallel-size 1 (every expert on every rank)")
+            self._check_collectives(P)
+
+    def _check_collectives(self, P: int):
+        """Refuse what would make ranks take different paths through a step.
+
+        Every rank must run the expert collectives in the same order: the
+        exchange's all-to-alls when P > 1, the replicas' gradient all-reduces
+        in every backward when W > P.
+        """
+        for flag, rate in self.layerdrop:
+            if rate:
+                raise HashConfigError(
+                    f"{flag} {rate}: LayerDrop skips layers at random on each rank, and the "
+                    f"ranks' expert collectives would no longer pair up; use 0 with hash "
+                    f"layers on several ranks")
+        if P > 1 and self.store_ema:
+            raise HashConfigError(
+                f"--store-ema copies the model, and with experts spread over ranks (P = {P}) "
+                f"it holds process groups that cannot be copied; drop --store-ema, or use "
+                f"--moe-expert-parallel-size 1")
+        if P > 1 and self.eval_bleu:
+            raise HashConfigError(
+                f"--eval-bleu decodes each rank's sentences for as many steps as they need, "
+                f"and with experts spread over ranks (P = {P}) every step is an all-to-all of "
+                f"all ranks; drop --eval-bleu (score with fairseq-generate on the checkpoint), "
+                f"or use --moe-expert-parallel-size 1")
 
     def _check_score(self):
         if self.score not in SCORES:
@@ -136,11 +172,15 @@ class HashLayerSpec:
             raise HashConfigError(f"--hash-count {self.num_hashes} must divide the FFN width "
                                   f"{ffn_flag} {width}; valid counts include {valid}")
 
-    def parallel_size_for(self, world_size: int) -> int:
+    def parallel_size_for(self, world_size: int, node_size: Optional[int] = None) -> int:
         """P, the ranks that share a layer's experts, in a world of ``world_size`` ranks.
 
         ``--moe-expert-parallel-size`` where given; else P = W when W divides
-        K (K/W experts a rank), P = K when K divides W.
+        K (K/W experts a rank), P = K when K divides W, cut to a divisor of
+        the ranks of one node (``node_size``, by default
+        :func:`~fairseq_hash.expert_parallel.ranks_per_node`), so that no
+        all-to-all crosses nodes (consecutive ranks share a node under
+        torchrun and fairseq's spawn).
         """
         K, P = self.total_experts, self.parallel_size
         if P < 0:
@@ -156,19 +196,26 @@ class HashLayerSpec:
                 raise HashConfigError(f"--moe-expert-parallel-size {P} must divide both "
                                       f"--hash-experts {K} and the world size {world_size}")
             return P
+        node = node_size or ranks_per_node(world_size)
         if K % world_size == 0:
-            return world_size
+            return math.gcd(world_size, node)
         if world_size % K == 0:
-            return K
+            return math.gcd(K, node)
         raise HashConfigError(
             f"--hash-experts {K} and a world of {world_size} ranks: neither divides the other; "
             f"set --moe-expert-parallel-size P to a P that divides both")
 
 
+def run_setting(args, section: str, name: str):
+    """A flag of the whole run (``section.name`` in fairseq's config), wherever
+    this kind of model config keeps it; None where it has none."""
+    value = getattr(args, name, None)  # argparse-style models see every flag
+    if value is None and OmegaConf.is_config(args) and args._get_parent() is not None:
+        # a dataclass model's config is one node of fairseq's whole config
+        value = OmegaConf.select(args._get_parent(), f"{section}.{name}")
+    return value
+
+
 def ddp_backend_of(args) -> Optional[str]:
     """fairseq's --ddp-backend, wherever this kind of model config keeps it."""
-    backend = getattr(args, "ddp_backend", None)  # argparse-style models see every flag
-    if backend is None and OmegaConf.is_config(args) and args._get_parent() is not None:
-        # a dataclass model's config is one node of fairseq's whole config
-        backend = OmegaConf.select(args._get_parent(), "distributed_training.ddp_backend")
-    return backend
+    return run_setting(args, "distributed_training", "ddp_backend")

@@ -30,9 +30,15 @@ def tool(name):
     return os.path.join(BIN, name)
 
 
+_USER_DIR = []  # asked once a session: each start of the tool costs seconds
+
+
 def user_dir():
-    out = subprocess.run([tool("fairseq-hash-user-dir")], capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    if not _USER_DIR:
+        out = subprocess.run([tool("fairseq-hash-user-dir")], capture_output=True, text=True,
+                             check=True)
+        _USER_DIR.append(out.stdout.strip())
+    return _USER_DIR[0]
 
 
 def run(args, cwd=None, check=True):

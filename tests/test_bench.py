@@ -161,6 +161,25 @@ def test_two_rank_layer_benchmark_times_both_exchanges_and_counts_the_traffic(tm
     assert json.loads(out.read_text()) == rows
 
 
+@pytest.mark.integration  # starts 4 ranks inside bench.run
+def test_four_rank_layer_benchmark_counts_rows_needed_and_rows_padded():
+    rows = bench.run(["--ranks", "4", "--experts", "8", "--tokens", "32", "--repeat", "1"])
+    assert [r["setting"] for r in rows] == ["1 process, all experts", "4 ranks, alltoall",
+                                            "4 ranks, fairscale MOELayer"]
+    assert rows[1]["tokens_per_step"] == 4 * 32
+    # a rank's 32 tokens, there and back, in forward and backward; padded to 4 equal blocks
+    assert rows[1]["rows_needed_per_rank"] == 4 * 32
+    assert rows[1]["rows_sent_per_rank"] >= rows[1]["rows_needed_per_rank"]
+    assert rows[1]["rows_sent_per_rank"] % (4 * 4) == 0
+
+
+def test_more_ranks_than_the_benchmark_starts_are_refused_in_one_line():
+    from fairseq_hash.errors import HashConfigError
+
+    with pytest.raises(HashConfigError, match="--ranks 3: supports 2 and 4"):
+        bench.run(["--ranks", "3"])
+
+
 @pytest.mark.integration  # starts 2 ranks inside bench.run
 def test_two_rank_count_gathers_are_timed_for_all_layers_and_per_layer():
     rows = bench.run(["--ranks", "2", "--counts", "--experts", "8", "--layers", "3"])

@@ -14,8 +14,9 @@ from test_bad_input import error_line
 HERE = os.path.dirname(os.path.abspath(__file__))
 # every update clipped: the norm must be the same on one and on two ranks
 EXACT = ["--clip-norm", "0.5", "--log-interval", "1"]
-TWO_RANKS = ["--distributed-world-size", "2", "--distributed-backend", "gloo",
-             "--ddp-backend", "legacy_ddp", "--distributed-no-spawn"]
+# several CPU ranks launched by hand (DESIGN.md); --distributed-world-size W joins them
+BY_HAND = ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp",
+           "--distributed-no-spawn"]
 
 
 def free_port():
@@ -28,18 +29,25 @@ def env():
     return dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
 
 
-def train_on_two_ranks(data_bin, save_dir, *extra, check=True):
-    """fairseq-train as two gloo ranks launched by hand (DESIGN.md); rank 0's output."""
+def train_on_ranks(world, data_bin, save_dir, *extra, check=True):
+    """fairseq-train as ``world`` gloo ranks launched by hand; rank 0's output."""
     args = [tool("fairseq-train"), data_bin, "--user-dir", user_dir(), *TINY_MODEL, *TINY_TRAIN,
-            *EXACT, "--save-dir", save_dir, *TWO_RANKS,
+            *EXACT, "--save-dir", save_dir, *BY_HAND, "--distributed-world-size", str(world),
             "--distributed-init-method", f"tcp://127.0.0.1:{free_port()}", *extra]
-    other = subprocess.Popen(args + ["--distributed-rank", "1"], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, env=env())
+    others = [subprocess.Popen(args + ["--distributed-rank", str(rank)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=env())
+              for rank in range(1, world)]
     first = run(args + ["--distributed-rank", "0"], check=False)
-    _, other_err = other.communicate(timeout=600)
+    errors = [other.communicate(timeout=600)[1] for other in others]
     if check:
-        assert first.returncode == 0 and other.returncode == 0, first.stderr[-4000:] + other_err[-2000:]
+        assert first.returncode == 0 and all(o.returncode == 0 for o in others), (
+            first.stderr[-4000:] + "".join(e[-2000:] for e in errors))
     return first
+
+
+def train_on_two_ranks(data_bin, save_dir, *extra, check=True):
+    return train_on_ranks(2, data_bin, save_dir, *extra, check=check)
 
 
 def train_on_one_rank(data_bin, save_dir, *extra):
@@ -106,12 +114,19 @@ def test_two_ranks_train_the_model_one_rank_trains_with_update_freq_2(one_rank, 
                         os.path.join(two, "checkpoint_last.pt"))
 
 
-def eval_lm(data_bin, path):
-    proc = run([tool("fairseq-eval-lm"), data_bin, "--user-dir", user_dir(), "--path", path,
+def eval_lm_run(data_bin, path, *extra, check=True):
+    return run([tool("fairseq-eval-lm"), data_bin, "--user-dir", user_dir(), "--path", path,
                 "--cpu", "--tokens-per-sample", "32", "--max-tokens", "512", "--gen-subset",
-                "valid", "--num-workers", "0"])
+                "valid", "--num-workers", "0", *extra], check=check)
+
+
+def perplexity(proc):
     line = [l for l in (proc.stdout + proc.stderr).splitlines() if "Perplexity" in l][-1]
     return float(line.rsplit("Perplexity:", 1)[1])
+
+
+def eval_lm(data_bin, path):
+    return perplexity(eval_lm_run(data_bin, path))
 
 
 def test_the_two_rank_checkpoint_evaluates_in_one_process_as_the_one_rank_model(
@@ -119,6 +134,20 @@ def test_the_two_rank_checkpoint_evaluates_in_one_process_as_the_one_rank_model(
     one = eval_lm(data_bin, os.path.join(one_rank[0], "checkpoint1.pt"))
     two = eval_lm(data_bin, os.path.join(two_ranks[0], "checkpoint_last.pt"))
     assert two == pytest.approx(one, rel=1e-5)
+
+
+def test_a_checkpoint_of_an_explicit_layout_evaluates_in_one_process_unless_one_asks_for_it(
+        data_bin, tmp_path):
+    save = str(tmp_path / "explicit")
+    train_on_two_ranks(data_bin, save, "--max-update", "2", "--moe-expert-parallel-size", "2")
+    path = os.path.join(save, "checkpoint_last.pt")
+    proc = eval_lm_run(data_bin, path)
+    assert perplexity(proc) > 1
+    assert "trained with --moe-expert-parallel-size 2; this run lays" in proc.stdout + proc.stderr
+    # a layout the reading run names itself still has to fit it
+    asked = eval_lm_run(data_bin, path, "--model-overrides", "{'moe_expert_parallel_size': 2}",
+                        check=False)
+    assert "--moe-expert-parallel-size 2 needs 2 or more ranks" in error_line(asked)
 
 
 def test_resuming_2_to_1_then_1_to_2_continues_as_one_process_resumes(
@@ -204,6 +233,8 @@ def test_replicas_on_two_ranks_train_the_one_rank_model(data_bin, one_rank, tmp_
     (["--moe-expert-parallel-size", "3"], "--moe-expert-parallel-size 3 must divide both"),
     (["--hash-experts", "3"], "--hash-experts 3 and a world of 2 ranks"),
     (["--ddp-backend", "slowmo"], "--ddp-backend slowmo cannot keep hash-layer experts"),
+    (["--decoder-layerdrop", "0.5"], "--decoder-layerdrop 0.5: LayerDrop skips layers"),
+    (["--store-ema"], "--store-ema copies the model"),
 ])
 def test_bad_layouts_and_backends_give_one_line_and_write_nothing(data_bin, tmp_path, flags,
                                                                    expected):

@@ -127,7 +127,8 @@ class HashRoutingConfig(FairseqDataclass):
             "help": "expert parallelism on several ranks: spread each hash layer's "
             "experts over groups of P ranks, K/P experts a rank, the W/P groups being "
             "data-parallel replicas (default 0: P = W when W divides K, else P = K when "
-            "K divides W; 1: every expert on every rank)"
+            "K divides W, cut to a divisor of the ranks of one node: torchrun's "
+            "LOCAL_WORLD_SIZE, else the node's GPUs; 1: every expert on every rank)"
         },
     )
     moe_dispatch: str = field(

@@ -81,12 +81,12 @@ def parse_args(argv=None):
                         help="--train: folder for the prepared data and fairseq's logs "
                         "(default: fairseq-hash-bench in the temporary folder)")
     parser.add_argument("--ranks", type=int, default=1,
-                        help="2: expert parallelism on 2 gloo processes: the layer (alltoall, "
-                        "fairscale's MOELayer, one process), or with --train fairseq-train's "
-                        "words/s of the hash LM expert-parallel and the dense LM "
-                        "data-parallel; first --experts and --tokens only (default 1)")
+                        help="2 or 4: expert parallelism on that many gloo processes: the "
+                        "layer (alltoall, fairscale's MOELayer, one process), or with --train "
+                        "fairseq-train's words/s of the hash LM expert-parallel and the dense "
+                        "LM data-parallel; first --experts and --tokens only (default 1)")
     parser.add_argument("--counts", action="store_true",
-                        help="with --ranks 2: time one all-gather of every hash layer's "
+                        help="with --ranks: time one all-gather of every hash layer's "
                         "expert counts against one a layer (--layers of them)")
     args = parser.parse_args(argv)
     if args.repeat < 1:

@@ -1,22 +1,24 @@
-"""``fairseq-hash-bench --ranks 2``: expert parallelism on 2 gloo processes.
+"""``fairseq-hash-bench --ranks W``: expert parallelism on W = 2 or 4 gloo processes.
 
     fairseq-hash-bench --ranks 2 --experts 16 --tokens 4096     # the layer
-    fairseq-hash-bench --ranks 2 --train --experts 16           # fairseq-train, 2 ranks
+    fairseq-hash-bench --ranks 4 --train --experts 16           # fairseq-train, 4 ranks
     fairseq-hash-bench --ranks 2 --counts                       # exchange sizes
 
 ``--counts`` times what the decoder does before its layers run (one all-gather
 of every hash layer's per-expert counts) against one all-gather a layer.
 
 The layer mode times one hash layer's forward and backward (d=512, f=2048), each
-of 2 gloo ranks holding K/2 experts and its own S tokens, with the default
+of W gloo ranks holding K/W experts and its own S tokens, with the default
 exchange (``alltoall``) and with fairscale's ``MOELayer`` (``fairscale``),
-against the same layer on one process over the same 2S tokens with all K
-experts. It prints the time per step and the rows and bytes each rank sends
-per step (forward and backward, both directions).
+against the same layer on one process over the same WS tokens with all K
+experts. It prints the time per step, the rows and bytes each rank sends per
+step (forward and backward, both directions; every block padded to the
+largest), and the rows its tokens need (the same without padding).
 
-``--train`` runs ``fairseq-train`` on 2 gloo ranks (launched by hand, as
-README.md shows): the hash LM expert-parallel, and the dense ``transformer_lm``
-data-parallel on the same global batch, and prints fairseq's words/s of each.
+``--train`` runs ``fairseq-train`` on W gloo ranks (launched by hand, as
+docs/several-workers.md shows): the hash LM expert-parallel, and the dense
+``transformer_lm`` data-parallel on the same global batch, and prints
+fairseq's words/s of each.
 On N GPUs, the same comparison is ``fairseq-train ... --distributed-world-size
 N`` with and without ``--arch hash_transformer_lm`` (BENCHMARKS.md).
 """
@@ -69,7 +71,7 @@ def layer_worker(rank, world, port, experts, tokens, dispatch, repeat, out):
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(tokens, d, generator=gen, requires_grad=True)
     router.indices = torch.randint(experts, (tokens, 1), generator=gen)
-    times, sent = [], 0
+    times, sent, needed = [], 0, 0
     for step in range(repeat + 1):
         start = time.perf_counter()
         moe(x).sum().backward()
@@ -82,16 +84,18 @@ def layer_worker(rank, world, port, experts, tokens, dispatch, repeat, out):
         pair = torch.stack(everyone).view(world, world, -1).sum(-1)
         capacity = int(pair.max())  # rows of each block of the padded exchange
         sent = 4 * world * capacity  # forward there and back, and the same in backward
+        needed = 4 * int(pair[rank].sum())
         dist.destroy_process_group()
     with open(f"{out}.{rank}", "w") as fh:
-        json.dump({"seconds": sorted(times)[len(times) // 2], "rows_sent": sent}, fh)
+        json.dump({"seconds": sorted(times)[len(times) // 2], "rows_sent": sent,
+                   "rows_needed": needed}, fh)
 
 
-def counts_worker(rank, port, experts, layers, repeat, out):
+def counts_worker(rank, world, port, experts, layers, repeat, out):
     """Time gathering every hash layer's counts at once against once per layer."""
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+                            world_size=world)
     counts = torch.zeros(layers, experts, dtype=torch.long)
     result = {}
     for name, parts in (("one gather for all layers", [counts]),
@@ -100,7 +104,7 @@ def counts_worker(rank, port, experts, layers, repeat, out):
         start = time.perf_counter()
         for _ in range(repeat):
             for part in parts:
-                everyone = [torch.empty_like(part) for _ in range(2)]
+                everyone = [torch.empty_like(part) for _ in range(world)]
                 dist.all_gather(everyone, part)
         result[name] = 1e6 * (time.perf_counter() - start) / repeat
     dist.destroy_process_group()
@@ -110,11 +114,12 @@ def counts_worker(rank, port, experts, layers, repeat, out):
 
 def run_counts(args):
     port, out = free_port(), f"/tmp/ep-counts-{os.getpid()}"
-    procs = [subprocess.Popen([*SELF, "_counts", str(r), str(port),
+    procs = [subprocess.Popen([*SELF, "_counts", str(r), str(args.ranks), str(port),
                                str(args.experts), str(args.layers), "200", out])
-             for r in range(2)]
+             for r in range(args.ranks)]
     if any(p.wait() for p in procs):
-        raise HashConfigError("--ranks 2 --counts: a worker process failed (its error is above)")
+        raise HashConfigError(f"--ranks {args.ranks} --counts: a worker process failed (its "
+                              f"error is above)")
     result = json.load(open(f"{out}.0"))
     print(f"| exchange sizes of {args.layers} hash layers, K={args.experts} | us a forward |")
     print("|---|---:|")
@@ -124,10 +129,10 @@ def run_counts(args):
 
 
 def run_layer(args):
-    rows = []
-    for name, world, tokens in (("1 process, all experts", 1, 2 * args.tokens),
-                                ("2 ranks, alltoall", 2, args.tokens),
-                                ("2 ranks, fairscale MOELayer", 2, args.tokens)):
+    rows, W = [], args.ranks
+    for name, world, tokens in (("1 process, all experts", 1, W * args.tokens),
+                                (f"{W} ranks, alltoall", W, args.tokens),
+                                (f"{W} ranks, fairscale MOELayer", W, args.tokens)):
         port, out = free_port(), f"/tmp/ep-bench-{os.getpid()}"
         dispatch = "fairscale" if "fairscale" in name else "alltoall"
         procs = [subprocess.Popen([*SELF, "_layer", str(r), str(world),
@@ -135,44 +140,51 @@ def run_layer(args):
                                    str(args.repeat), out]) for r in range(world)]
         for p in procs:
             if p.wait():
-                raise HashConfigError(f"--ranks 2: the {name} worker failed (its error is above)")
+                raise HashConfigError(f"--ranks {W}: the {name} worker failed (its error is "
+                                      f"above)")
         result = [json.load(open(f"{out}.{r}")) for r in range(world)]
         seconds = max(r["seconds"] for r in result)
-        rows.append({"setting": name, "experts": args.experts, "tokens_per_step": 2 * args.tokens,
+        rows.append({"setting": name, "experts": args.experts, "tokens_per_step": W * args.tokens,
                      "ms": 1000 * seconds, "rows_sent_per_rank": result[0]["rows_sent"],
+                     "rows_needed_per_rank": result[0]["rows_needed"],
                      "mb_sent_per_rank": result[0]["rows_sent"] * 512 * 4 / 2**20})
-    print(f"| setting | K | tokens a step | fwd+bwd ms | rows sent a rank | MB sent a rank |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| setting | K | tokens a step | fwd+bwd ms | rows sent a rank | rows needed a rank "
+          "| MB sent a rank |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['setting']} | {r['experts']} | {r['tokens_per_step']} | {r['ms']:.1f} | "
-              f"{r['rows_sent_per_rank']} | {r['mb_sent_per_rank']:.1f} |")
+              f"{r['rows_sent_per_rank']} | {r['rows_needed_per_rank']} | "
+              f"{r['mb_sent_per_rank']:.1f} |")
     return rows
 
 
 def fairseq_words_per_second(args, arch_flags, port):
+    """fairseq's words/s of one run on --ranks gloo ranks launched by hand."""
     base = [args.data_bin, "--task", "language_modeling", "--user-dir", user_dir(),
             "--decoder-layers", "4", "--decoder-embed-dim", "256",
             "--decoder-ffn-embed-dim", "1024", "--decoder-attention-heads", "4",
             "--tokens-per-sample", "128", "--max-tokens", str(args.train_tokens),
             "--optimizer", "adam", "--lr", "0.0005", "--max-update", str(args.updates),
             "--cpu", "--num-workers", "0", "--log-format", "json", "--log-interval", "2",
-            "--no-save", "--disable-validation", "--distributed-world-size", "2",
+            "--no-save", "--disable-validation", "--distributed-world-size", str(args.ranks),
             "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp",
             "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
             *arch_flags]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     tool = os.path.join(os.path.dirname(sys.executable), "fairseq-train")
-    other = subprocess.Popen([tool, *base, "--distributed-rank", "1"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    others = [subprocess.Popen([tool, *base, "--distributed-rank", str(rank)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+              for rank in range(1, args.ranks)]
     first = subprocess.run([tool, *base, "--distributed-rank", "0"], env=env,
                            capture_output=True, text=True)
-    other.wait()
+    for other in others:
+        other.wait()
     wps = [float(json.loads(line[line.index("{"):])["wps"])
            for line in (first.stdout + first.stderr).splitlines()
            if "| train_inner |" in line]
     if not wps:
         last = first.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise HashConfigError(f"--ranks 2 --train: fairseq-train failed: {last[0]}")
+        raise HashConfigError(f"--ranks {args.ranks} --train: fairseq-train failed: {last[0]}")
     return sum(wps[1:]) / max(len(wps) - 1, 1)  # the first interval includes start-up
 
 
@@ -188,7 +200,7 @@ def run_train(args):
                 args, ["--arch", "transformer_lm"], free_port())},
             {"model": f"hash K={args.experts}, expert-parallel", "wps": fairseq_words_per_second(
                 args, hash_flags, free_port())}]
-    print("| model (2 gloo ranks) | words/s | vs dense |")
+    print(f"| model ({args.ranks} gloo ranks) | words/s | vs dense |")
     print("|---|---:|---:|")
     for r in rows:
         print(f"| {r['model']} | {r['wps']:.0f} | {r['wps'] / rows[0]['wps']:.2f}x |")
@@ -196,10 +208,13 @@ def run_train(args):
 
 
 def run_ranks(args) -> list:
-    """The --ranks 2 modes of fairseq-hash-bench; ``args`` are its parsed flags."""
-    if args.ranks != 2:
-        raise HashConfigError("--ranks supports 2 (gloo processes on this machine); for N GPUs "
-                              "see BENCHMARKS.md")
+    """The --ranks 2 and 4 modes of fairseq-hash-bench; ``args`` are its parsed flags."""
+    if args.ranks not in (2, 4):
+        raise HashConfigError(f"--ranks {args.ranks}: supports 2 and 4 (gloo processes on this "
+                              f"machine); for N GPUs see BENCHMARKS.md")
+    if args.experts[0] % args.ranks:
+        raise HashConfigError(f"--experts {args.experts[0]} with --ranks {args.ranks}: the "
+                              f"ranks must divide the experts")
     args.experts, args.tokens = args.experts[0], (args.tokens or [4096])[0]
     if args.counts:
         return run_counts(args)
@@ -209,7 +224,7 @@ def run_ranks(args) -> list:
 def worker_main(argv):
     mode, a = argv[0], argv[1:]
     if mode == "_counts":
-        counts_worker(int(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]), a[5])
+        counts_worker(int(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]), int(a[5]), a[6])
     else:
         layer_worker(int(a[0]), int(a[1]), int(a[2]), int(a[3]), int(a[4]), a[5], int(a[6]),
                      a[7])
