@@ -4,15 +4,14 @@ from .fairseq_import import import_fairseq
 import_fairseq()
 
 from . import safe_globals  # noqa: E402,F401  (before fairseq loads any checkpoint)
-from .expert_parallel import install_checkpoint_reader  # noqa: E402
 from .errors import install_excepthook, running_as_command  # noqa: E402
 # registers the hash functions, models, criterion and optimizer
 from . import criterions, hashing, models, optim  # noqa: E402,F401
 from .distributed_checkpoints import install_checkpoint_loading  # noqa: E402
 
-install_checkpoint_loading()  # sharded checkpoints, before fairseq loads any
-
-install_checkpoint_reader()  # checkpoints of any layout on any number of ranks
+# sharded and one-file checkpoints of any layout on any number of ranks,
+# before fairseq loads any
+install_checkpoint_loading()
 
 # only fairseq's tools and ours: importing the plugin leaves a program's own hook
 if running_as_command():

@@ -67,7 +67,7 @@ def prepare_expert_parallel(model):
         return
     # PyTorch's DDP would average them over all ranks, and broadcast rank 0's
     # experts over the others' at the start; their gradients are synced by
-    # expert_parallel.sync_expert_gradients
+    # expert_parallel.ExpertGradientSync
     model._ddp_params_and_buffers_to_ignore = expert_names
     if any(True for _ in sharded_experts(model)):
         install_checkpoint_wrappers()
@@ -225,19 +225,60 @@ def install_checkpoint_wrappers():
     checkpoint_utils.save_checkpoint = save_checkpoint
 
 
+def _contiguous(obj):
+    """Every tensor in nested dicts and lists made contiguous, in place."""
+    if torch.is_tensor(obj):
+        return obj.contiguous()
+    if isinstance(obj, (dict, list)):
+        for key, value in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
+            obj[key] = _contiguous(value)
+    return obj
+
+
+def _forget_saved_layout(state, overrides):
+    """A checkpoint's --moe-expert-parallel-size is how the run that wrote it was
+    laid out, not part of the model: the reading run picks its own, unless it
+    names one in its overrides (``--model-overrides``, the hub's keywords)."""
+    if "moe_expert_parallel_size" in (overrides or {}):
+        return
+    cfg = state.get("cfg")
+    for model_cfg in (state.get("args"), cfg.get("model") if cfg is not None else None):
+        saved = getattr(model_cfg, "moe_expert_parallel_size", 0) if model_cfg is not None else 0
+        if saved:
+            setattr(model_cfg, "moe_expert_parallel_size", 0)
+            logger.info(f"the checkpoint was trained with --moe-expert-parallel-size {saved}; "
+                        f"this run lays its experts out for its own ranks (to choose: "
+                        f"--model-overrides \"{{'moe_expert_parallel_size': P}}\")")
+
+
 def install_checkpoint_loading():
     """Sharded and one-file checkpoints, on any number of ranks: installed with
     the plugin, before fairseq loads anything. ``load_checkpoint_to_cpu`` (every
     fairseq tool and the hub interface read through it) turns an index into row
     references; ``load_checkpoint`` (training resumes) keeps this rank's rows of
-    the experts' optimizer state."""
+    the experts' optimizer state.
+
+    Read on any number of ranks, a checkpoint's tensors come back contiguous:
+    fairseq's ``Trainer.load_checkpoint`` reads the file on rank 0 and sends it
+    to the others with ``distributed_utils.broadcast_tensors``, which sends a
+    tensor's memory as it lies and has the receivers view it as a contiguous
+    tensor of the same shape; a sliced tensor (the ``argsort(...)[:, :k]``
+    table of a top-k random hash, saved so before routers stored their tables
+    contiguous) arrived scrambled on every rank but 0, which then computed
+    another model (``tests/test_ep_resume.py``). And the saved expert-parallel
+    size is forgotten (:func:`_forget_saved_layout`): fairseq's tools rebuild a
+    model from the checkpoint's flags, and a P of the writing run may be
+    impossible for the reading one.
+    """
     if getattr(checkpoint_utils.load_checkpoint, "_fairseq_hash", False):
         return
     to_cpu, load = checkpoint_utils.load_checkpoint_to_cpu, checkpoint_utils.load_checkpoint
 
     @functools.wraps(to_cpu)
-    def load_checkpoint_to_cpu(path, *args, **kwargs):
-        return expert_shards.resolve_shards(to_cpu(path, *args, **kwargs), path)
+    def load_checkpoint_to_cpu(path, arg_overrides=None, *args, **kwargs):
+        state = _contiguous(to_cpu(path, arg_overrides, *args, **kwargs))
+        _forget_saved_layout(state, arg_overrides)
+        return expert_shards.resolve_shards(state, path)
 
     @functools.wraps(load)
     def load_checkpoint(cfg, trainer, **kwargs):

@@ -12,16 +12,19 @@ other, and the ranks holding the same shard (one in each group) form its
 expert group, in slot ``e % (K/P)``. By default P stays within the ranks of
 one node (:func:`ranks_per_node`, ``HashLayerSpec.parallel_size_for``); P is
 how a run is laid out, not part of the model, so a checkpoint loads under any
-layout (:func:`install_checkpoint_reader`).
+layout (``distributed_checkpoints.install_checkpoint_loading``).
 
 Tokens travel to their expert's rank and back through fairscale's MoE
 all-to-all (``fairscale.nn.moe.moe_layer._AllToAll``), which splits its input
 evenly: every rank sends ``P`` blocks of ``C`` rows, ``C`` the largest count
 any rank sends any other in this step, learned from one all-gather of the
-per-expert counts. Nothing is dropped and no one-hot ``[S, K, C]`` mask is
-built: rows are placed by index. Hash layers know their counts from the token
-ids before the layer runs, so the decoder gathers every hash layer's counts in
-one collective per forward pass (:func:`gather_counts` on stacked counts).
+per-expert counts; or (``--moe-dispatch alltoall-exact``) through torch's
+``all_to_all_single`` with exact split sizes, so no padding row travels.
+Nothing is dropped and no one-hot ``[S, K, C]`` mask is built: rows are placed
+by index. Hash layers know their counts from the token ids before the layer
+runs, so the decoder gathers every hash layer's counts in one collective per
+forward pass and reads them once (``moe_layer.plan_hash_dispatch``); the
+exchange itself then reads nothing from the device.
 
 Every rank must run these collectives in the same order: what would make
 ranks take different paths (LayerDrop, ``--store-ema``, ``--eval-bleu``,
@@ -30,24 +33,26 @@ fairseq's recovery from out-of-memory errors) is refused or made to fail
 
 Gradients: an expert's gradient sums the contributions of every token routed
 to it anywhere in the global batch. Within a group the all-to-all's backward
-brings them to the expert's rank; across groups :func:`sync_expert_gradients`
-all-reduces each expert shard over its replica group as autograd produces it
-(so gradient accumulation over ``--update-freq`` stays exact) and divides by
-W, matching fairseq's averaging of shared gradients, which it multiplies back
-by W before dividing by the sample size.
+brings them to the expert's rank; across groups :class:`ExpertGradientSync`
+all-reduces each expert shard over its replica group once per update, on the
+last micro-batch of ``--update-freq``, without waiting, as autograd finishes
+it, and divides by W, matching fairseq's averaging of shared gradients, which
+it multiplies back by W before dividing by the sample size.
 """
 import functools
 import logging
 import os
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
-from fairseq import checkpoint_utils
 from fairscale.nn.moe.moe_layer import _AllToAll
 
 from .errors import HashConfigError
+from .grouped_mm import to_device
 from .route import LayerPlan
 
 logger = logging.getLogger(__name__)
@@ -115,61 +120,6 @@ def expert_layout(parallel_size: int) -> ExpertLayout:
     )
 
 
-def _contiguous(obj):
-    """Every tensor in nested dicts and lists made contiguous, in place."""
-    if torch.is_tensor(obj):
-        return obj.contiguous()
-    if isinstance(obj, (dict, list)):
-        for key, value in (obj.items() if isinstance(obj, dict) else enumerate(obj)):
-            obj[key] = _contiguous(value)
-    return obj
-
-
-def _forget_saved_layout(state, overrides):
-    """A checkpoint's --moe-expert-parallel-size is how the run that wrote it was
-    laid out, not part of the model: the reading run picks its own, unless it
-    names one in its overrides (``--model-overrides``, the hub's keywords)."""
-    if "moe_expert_parallel_size" in (overrides or {}):
-        return
-    cfg = state.get("cfg")
-    for model_cfg in (state.get("args"), cfg.get("model") if cfg is not None else None):
-        saved = getattr(model_cfg, "moe_expert_parallel_size", 0) if model_cfg is not None else 0
-        if saved:
-            setattr(model_cfg, "moe_expert_parallel_size", 0)
-            logger.info(f"the checkpoint was trained with --moe-expert-parallel-size {saved}; "
-                        f"this run lays its experts out for its own ranks (to choose: "
-                        f"--model-overrides \"{{'moe_expert_parallel_size': P}}\")")
-
-
-def install_checkpoint_reader():
-    """Wrap fairseq's checkpoint reader (once per process) for any number of ranks.
-
-    - Tensors come back contiguous. On several ranks fairseq's
-      ``Trainer.load_checkpoint`` reads the file on rank 0 and sends it to the
-      others with ``distributed_utils.broadcast_tensors``, which sends a
-      tensor's memory as it lies and has the receivers view it as a contiguous
-      tensor of the same shape: a sliced tensor (the ``argsort(...)[:, :k]``
-      table of a top-k random hash, saved so before routers stored their tables
-      contiguous) arrived scrambled on every rank but 0, which then computed
-      another model (``tests/test_ep_resume.py``).
-    - The saved expert-parallel size is forgotten (:func:`_forget_saved_layout`):
-      fairseq's tools rebuild a model from the checkpoint's flags, and a P of
-      the writing run may be impossible for the reading one.
-    """
-    if getattr(checkpoint_utils.load_checkpoint_to_cpu, "_fairseq_hash", False):
-        return
-    load = checkpoint_utils.load_checkpoint_to_cpu
-
-    @functools.wraps(load)
-    def load_checkpoint_to_cpu(path, arg_overrides=None, *args, **kwargs):
-        state = _contiguous(load(path, arg_overrides, *args, **kwargs))
-        _forget_saved_layout(state, arg_overrides)
-        return state
-
-    load_checkpoint_to_cpu._fairseq_hash = True
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
-
-
 def fail_on_out_of_memory():
     """Make an out-of-memory error in a training or validation step end the run
     (once per process).
@@ -207,24 +157,139 @@ def _raising_out_of_memory(step, name):
     return step_or_fail
 
 
-def sync_expert_gradients(params: List[torch.nn.Parameter], layout: ExpertLayout):
-    """Make each expert shard's gradient the global batch's sum, over W.
+def _inside_no_sync(wrapper: Optional[torch.nn.Module]) -> bool:
+    """Whether fairseq's data-parallel wrapper is in its ``no_sync`` context, which
+    fairseq's trainer enters for every micro-batch of ``--update-freq`` but the last."""
+    m = wrapper
+    while isinstance(m, torch.nn.Module):
+        if getattr(m, "accumulate_grads", False):  # LegacyDistributedDataParallel
+            return True
+        if getattr(m, "require_backward_grad_sync", True) is False:  # torch's DDP
+            return True
+        m = m._modules.get("module")  # ModuleProxyWrapper -> DDP -> the model
+    return False
 
-    A hook on the parameter sees the gradient of one backward before autograd
-    accumulates it into ``.grad``; reducing there keeps accumulation over
-    several backwards (``--update-freq``) exact. Every rank runs the same
-    hooks in the same order, so the collectives match.
+
+class ExpertGradientSync:
+    """Once per update, make each expert gradient the global batch's sum over W,
+    and let fairseq see a non-finite expert gradient of any rank.
+
+        sync = ExpertGradientSync(layout)   # layout None on one process
+        sync.register(experts.parameters()); sync.set_anchor(embed_tokens.weight)
+        sync.begin()                        # at each forward (HashLayers.routing)
+
+    Gradients accumulate locally over the micro-batches of an update. On the
+    last one (fairseq's data-parallel wrapper is not in ``no_sync``; without a
+    wrapper every backward is the last, or use :meth:`no_sync`), a hook on each
+    expert parameter divides its accumulated ``.grad`` by W in place and starts
+    its all-reduce over the replica group without waiting, as autograd finishes
+    it, so the reduction overlaps the rest of the backward. Every rank runs the
+    same hooks in the same order, so the collectives match.
+
+    fairseq's gradient norm skips ``param.expert`` parameters, so an inf or NaN
+    confined to expert gradients is never seen by the ``--fp16`` overflow
+    check, and under ``--amp`` only the ranks holding it skip their step. When
+    the last gradient has arrived, the expert gradients' float32 sum is
+    all-reduced over the world, and ``sum - sum`` (0, or NaN where any expert
+    gradient anywhere is not finite) is added to one element of the *anchor*,
+    a shared parameter whose gradient autograd produces last (the input
+    embedding): every rank's norm is then NaN and every rank skips the step.
+    Nothing is read back to the host.
     """
-    world, group = layout.world_size, layout.replica_group
 
-    def hook(grad):
-        grad = grad / world
-        if group is not None:
-            dist.all_reduce(grad, group=group)
-        return grad
+    def __init__(self, layout: Optional[ExpertLayout]):
+        self.layout = layout
+        self.params: List[torch.nn.Parameter] = []
+        self.anchor: Optional[torch.nn.Parameter] = None
+        self.wrapper = None  # fairseq's data-parallel wrapper, once seen (follow_wrapper)
+        self.accumulating = False  # this micro-batch is not its update's last
+        self._manual_no_sync = False
+        self._pending = []  # all-reduces in flight
+        self._expected = self._arrived = 0
 
-    for p in params:
-        p.register_hook(hook)
+    def register(self, params):
+        for p in params:
+            self.params.append(p)
+            p.register_post_accumulate_grad_hook(self._grad_ready)
+
+    def set_anchor(self, param: torch.nn.Parameter):
+        self.anchor = param
+        param.register_post_accumulate_grad_hook(self._anchor_ready)
+
+    @contextmanager
+    def no_sync(self):
+        """Accumulate the backwards run inside locally (for callers without fairseq's wrapper)."""
+        self._manual_no_sync = True
+        try:
+            yield
+        finally:
+            self._manual_no_sync = False
+
+    def begin(self):
+        """Called at each forward pass: which backward is coming, and how many hooks."""
+        self._wait()  # a backward that never finished (none in fairseq) leaves nothing behind
+        self.accumulating = self._manual_no_sync or _inside_no_sync(self.wrapper)
+        self._expected = sum(p.requires_grad for p in self.params) + (
+            self.anchor is not None and self.anchor.requires_grad)
+        self._arrived = 0
+
+    def _grad_ready(self, p):
+        if self.accumulating:
+            return
+        if self.layout is not None:
+            if self.layout.world_size > 1:
+                p.grad.div_(self.layout.world_size)  # fairseq's averaging of shared gradients
+            if self.layout.replica_group is not None:
+                self._pending.append(dist.all_reduce(p.grad, group=self.layout.replica_group,
+                                                     async_op=True))
+        self._arrive()
+
+    def _anchor_ready(self, p):
+        if not self.accumulating:
+            self._arrive()
+
+    def _arrive(self):
+        self._arrived += 1
+        # without begin() (a layer used on its own) every gradient finishes at once
+        if self._arrived >= self._expected:
+            self._wait()
+            if self.anchor is not None:
+                self._carry_overflow()
+
+    def _wait(self):
+        for work in self._pending:
+            work.wait()
+        self._pending.clear()
+
+    def _carry_overflow(self):
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads or self.anchor.grad is None:
+            return
+        total = torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()
+        if self.layout is not None:
+            dist.all_reduce(total)  # every rank, every shard
+        self.anchor.grad.view(-1)[:1].add_((total - total).to(self.anchor.grad.dtype))
+
+    def follow_wrapper(self, module: torch.nn.Module):
+        """Find the data-parallel wrapper around ``module`` at the first forward pass.
+
+        fairseq tells only its wrapper (``model.no_sync()``) which micro-batch
+        of an update is the last, and a model never sees its wrapper: a global
+        forward pre-hook waits for the outermost module that contains
+        ``module`` to run, keeps it, and removes itself.
+        """
+        target = weakref.ref(module)
+
+        def find(outer, args):
+            if target() is None:
+                handle.remove()
+            elif any(m is target() for m in outer.modules()):
+                self.wrapper = outer
+                handle.remove()
+                logger.info(f"expert gradients: reduced once per update, on the last "
+                            f"micro-batch (seen by {type(outer).__name__})")
+
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(find)
 
 
 def gather_counts(counts: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
@@ -234,53 +299,120 @@ def gather_counts(counts: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _segment_rows(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Concatenated ``arange(s, s + n)`` for every (start, length) pair."""
-    total = int(lengths.sum())
+def _segment_rows(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """Concatenated ``arange(s, s + n)`` for every (start, length) pair; ``total`` rows."""
     offsets = lengths.cumsum(0) - lengths
     return (torch.arange(total, device=starts.device)
             + torch.repeat_interleave(starts - offsets, lengths, output_size=total))
 
 
-class AllToAllExchange:
-    """Dropless dispatch of sorted tokens to their experts' ranks and back."""
+class ExchangeSizes:
+    """Who sends whom how many rows, as Python ints, from every rank's counts.
 
-    def __init__(self, layout: ExpertLayout):
+    ``everyone[s][e]``: rows rank s of the expert group sends expert e. With L
+    experts a rank, ``pair[s][r]`` rows go from rank s to rank r; fairscale's
+    all-to-all pads every pair to the largest, ``capacity``.
+    """
+
+    def __init__(self, everyone: List[List[int]], me: int, local_experts: int):
+        P, L = len(everyone), local_experts
+        self.pair = [[sum(row[r * L:(r + 1) * L]) for r in range(P)] for row in everyone]
+        self.capacity = max(max(row) for row in self.pair)
+        self.send = self.pair[me]  # [P] rows this rank sends each rank
+        self.kept = sum(self.send)
+        self.receive = [row[me] for row in self.pair]  # [P] rows each rank sends this one
+        # rows from each source for each local expert: [P][L]
+        self.recv = [row[me * L:(me + 1) * L] for row in everyone]
+        self.per_expert = [sum(col) for col in zip(*self.recv)]  # [L] rows of each local expert
+
+    @property
+    def rows_on_the_wire(self) -> int:
+        """Rows this rank's padded buffer holds, each way (blocks for itself included)."""
+        return len(self.pair) * self.capacity
+
+
+class _AllToAllSplit(torch.autograd.Function):
+    """torch's ``all_to_all_single`` with split sizes known on the host; its backward
+    is the same exchange with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, group, x, output_splits: List[int], input_splits: List[int]):
+        ctx.group, ctx.splits = group, (output_splits, input_splits)
+        out = x.new_empty(sum(output_splits), x.size(1))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_splits, input_splits = ctx.splits
+        return None, _AllToAllSplit.apply(ctx.group, grad, input_splits, output_splits), None, None
+
+
+class AllToAllExchange:
+    """Dropless dispatch of sorted tokens to their experts' ranks and back.
+
+    ``exact=False`` (``--moe-dispatch alltoall``): fairscale's all-to-all, every
+    block padded to the step's largest. ``exact=True`` (``--moe-dispatch
+    alltoall-exact``): torch's ``all_to_all_single`` with the planned split
+    sizes, so only rows with a token travel.
+    """
+
+    def __init__(self, layout: ExpertLayout, exact: bool = False):
         self.layout = layout
+        self.exact = exact
+        self.last_sizes = None  # ExchangeSizes of the last forward (benchmarks read it)
+
+    def sizes(self, flat: torch.Tensor, experts, plan: Optional[LayerPlan] = None) -> ExchangeSizes:
+        """The exchange's sizes: a hash layer's from its plan, else one all-gather and one read."""
+        P, L = self.layout.parallel_size, experts.bins
+        if plan is not None:
+            everyone = plan.everyone
+        else:  # a learned router decides in the layer
+            counts = torch.bincount(flat, minlength=P * L + 1)[:P * L]
+            everyone = gather_counts(counts, self.layout).tolist()  # [P][E]
+        return ExchangeSizes(everyone, self.layout.shard, L)
 
     def __call__(self, x, indices, weights, experts, plan: Optional[LayerPlan] = None):
         # x: [S, d]; indices: [S, k] global ids in [0, E), E = P * local experts;
-        # a dropped slot carries id E and goes nowhere
-        P, me, L = self.layout.parallel_size, self.layout.shard, experts.bins
-        E = P * L
+        # a dropped slot (or a padding position's) carries id E and goes nowhere
+        P, L = self.layout.parallel_size, experts.bins
         S, k = indices.shape
+        device = x.device
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)  # sorted by expert, so by rank
-        counts = torch.bincount(flat, minlength=E + 1)[:E]
-        all_counts = plan.counts if plan is not None else None  # planned by the model
-        if all_counts is None:
-            all_counts = gather_counts(counts, self.layout)  # [P, E] of every rank
-        pair = all_counts.view(P, P, L).sum(-1)  # [src, dst] rows
-        capacity = int(pair.max())
-        send = pair[me]  # [P] rows this rank sends each rank
-        kept = int(send.sum())
-        # slot of each sorted row in the send buffer [P * C]: block of its rank
-        dest = torch.repeat_interleave(torch.arange(P, device=x.device), send, output_size=kept)
-        start = send.cumsum(0) - send
-        slot = dest * capacity + torch.arange(kept, device=x.device) - start[dest]
-        token_of = order[:kept] // k
-        x_sorted = x.index_select(0, token_of)  # [kept, d]
-        buffer = x.new_zeros(P * capacity, x.size(1)).index_copy(0, slot, x_sorted)
-        received = _AllToAll.apply(self.layout.group, buffer)  # [P * C, d], block s from s
+        sizes = self.last_sizes = self.sizes(flat, experts, plan)
+        token_of = order[:sizes.kept] // k
+        x_sorted = x.index_select(0, token_of)  # [kept, d], blocks by destination rank
+        if self.exact:
+            block_start = [sum(sizes.receive[:s]) for s in range(P)]
+            received = _AllToAllSplit.apply(self.layout.group, x_sorted, sizes.receive, sizes.send)
+        else:
+            block_start = [s * sizes.capacity for s in range(P)]
+            slot = self._padded_slots(sizes, device)
+            buffer = x.new_zeros(P * sizes.capacity, x.size(1)).index_copy(0, slot, x_sorted)
+            received = _AllToAll.apply(self.layout.group, buffer)  # [P * C, d], block s from s
         # received rows in expert-major order: for each local expert, each source
-        recv = all_counts[:, me * L:(me + 1) * L]  # [src, local expert]
-        starts = (torch.arange(P, device=x.device) * capacity).unsqueeze(1) \
-            + recv.cumsum(1) - recv
-        rows = _segment_rows(starts.t().reshape(-1), recv.t().reshape(-1))  # [R]
-        h = experts(received.index_select(0, rows), recv.sum(0).tolist())  # [R, d]
-        back = h.new_zeros(P * capacity, h.size(1)).index_copy(0, rows, h)
-        returned = _AllToAll.apply(self.layout.group, back)  # [P * C, d] in send layout
-        h = returned.index_select(0, slot)  # [kept, d], this rank's sorted rows
+        starts = [block_start[s] + sum(sizes.recv[s][:e]) for e in range(L) for s in range(P)]
+        lengths = [sizes.recv[s][e] for e in range(L) for s in range(P)]
+        rows = _segment_rows(to_device(starts, device), to_device(lengths, device),
+                             sum(lengths))  # [R]
+        h = experts(received.index_select(0, rows), sizes.per_expert)  # [R, d]
+        back = h.new_zeros(received.shape).index_copy(0, rows, h)
+        if self.exact:
+            h = _AllToAllSplit.apply(self.layout.group, back, sizes.send, sizes.receive)
+        else:
+            returned = _AllToAll.apply(self.layout.group, back)  # [P * C, d] in send layout
+            h = returned.index_select(0, slot)  # [kept, d], this rank's sorted rows
         if weights is not None:
-            h = h * weights.reshape(-1)[order[:kept]].unsqueeze(-1).to(h.dtype)
-        return h.new_zeros(S, h.size(1)).index_add(0, token_of, h), S * k - kept
+            h = h * weights.reshape(-1)[order[:sizes.kept]].unsqueeze(-1).to(h.dtype)
+        return h.new_zeros(S, h.size(1)).index_add(0, token_of, h), S * k - sizes.kept
+
+    @staticmethod
+    def _padded_slots(sizes: ExchangeSizes, device) -> torch.Tensor:
+        """``[kept]`` place of each sorted row in the padded send buffer ``[P * C]``."""
+        send = to_device(sizes.send, device)
+        P = len(sizes.send)
+        dest = torch.repeat_interleave(torch.arange(P, device=device), send,
+                                       output_size=sizes.kept)
+        start = send.cumsum(0) - send
+        return dest * sizes.capacity + torch.arange(sizes.kept, device=device) - start[dest]

@@ -2,6 +2,7 @@
 
     experts = ExpertFFN(total_experts=16, embed_dim=512, ffn_dim=2048)
     y = experts(x_sorted, counts)   # x_sorted: [S, d], counts: K ints summing to S
+                                    # (or a grouped_mm.ExpertRows)
 
 The experts' weights are stacked (``fc1_weight [K, f, d]``, ``fc2_weight
 [K, d, f]``), and each linear map runs as one grouped product: expert e
@@ -14,7 +15,8 @@ nothing of routing.
 Three ways to compute, chosen per call:
 
 - torch's grouped matrix product, one kernel for all experts and each linear
-  map, where the device has a native one (``grouped_mm.py``: CUDA, bf16);
+  map, where torch fuses it (``grouped_mm.py``: CUDA, bf16, compute
+  capability 9.x/10.x, fewer than 1024 groups);
 - elsewhere (CPU), with a ReLU or GELU activation and no active activation
   dropout (fairseq's default), :class:`GroupedFFN`: the whole FFN expert by
   expert, so that an expert's hidden rows ``[n_e, f]`` are still in cache when
@@ -37,13 +39,14 @@ in autocast's dtype, like ``nn.Linear``, and gradients reach the fp32 weights.
 """
 import math
 from contextlib import contextmanager
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import grouped_mm
+from .grouped_mm import ExpertRows
 from .expert_shards import is_rows, read_rows
 from .expert_threads import for_expert_groups
 from .grad_buffers import weight_grad_buffer
@@ -61,15 +64,15 @@ class GroupedLinear(torch.autograd.Function):
     """``y[rows of e] = x[rows of e] @ weight[e].T + bias[e]`` for every expert e."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, counts):
+    def forward(ctx, x, weight, bias, rows):
         # x: [S, in], weight: [K, out, in] (or [K, N, out, in]), bias: [K, out]
-        # (or [K, N, out]) -> y: [S, out]
+        # (or [K, N, out]) -> y: [S, out]; rows: an ExpertRows
         ctx.save_for_backward(x, weight)
-        ctx.counts = counts  # they cover every row: the dispatch hands over kept rows only
-        ctx.grouped = weight.dim() == 3 and grouped_mm.usable(x, weight)
+        ctx.rows = rows  # they cover every row: the dispatch hands over kept rows only
+        counts = rows.counts
+        ctx.grouped = grouped_mm.usable(x, weight)
         if ctx.grouped:
-            y, ctx.grouped_saved = grouped_mm.linear(x, weight, bias, counts)
-            return y
+            return grouped_mm.linear(x, weight, bias, rows)
         y = x.new_empty(x.size(0), weight.size(-2))
 
         def work(bounds):
@@ -86,7 +89,7 @@ class GroupedLinear(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.grouped:
-            return (*grouped_mm.linear_backward(grad_y, x, weight, ctx.counts, ctx.grouped_saved,
+            return (*grouped_mm.linear_backward(grad_y, x, weight, ctx.rows,
                                                 (need_x, need_w, need_b)), None)
         grad_x = x.new_empty(x.shape) if need_x else None
         # empty, not zeros: a memset of [K, out, in] costs as much as a small
@@ -94,7 +97,8 @@ class GroupedLinear(torch.autograd.Function):
         # (a view's gradient keeps the view's strides: empty_like preserves them)
         grad_w = weight_grad_buffer(weight) if need_w else None
         grad_b = weight.new_empty(weight.shape[:-1]) if need_b else None
-        for e, count in enumerate(ctx.counts):
+        counts = ctx.rows.counts
+        for e, count in enumerate(counts):
             if count == 0:
                 if grad_w is not None:
                     _of_expert(grad_w, e, 2).zero_()
@@ -111,7 +115,7 @@ class GroupedLinear(torch.autograd.Function):
                 if grad_b is not None:
                     torch.sum(g, dim=0, out=_of_expert(grad_b, e, 1))
 
-        for_expert_groups(x.device, ctx.counts, work)
+        for_expert_groups(x.device, counts, work)
         return grad_x, grad_w, grad_b, None
 
 
@@ -188,7 +192,8 @@ class GroupedFFN(torch.autograd.Function):
 def _autocast_by_hand(device_type: str, *tensors):
     """nn.Linear's autocast rule (compute in autocast's dtype), applied by hand:
     autocast does not reach the ``out=`` products inside the functions above."""
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type)  # not on meta tensors
+            and torch.is_autocast_enabled(device_type)):
         yield tensors
         return
     dtype = torch.get_autocast_dtype(device_type)
@@ -196,21 +201,24 @@ def _autocast_by_hand(device_type: str, *tensors):
         yield tuple(t.to(dtype) for t in tensors)
 
 
-def _check_counts(x, counts):
-    if sum(counts) != x.size(0):
-        raise ValueError(f"expert counts {counts} do not cover the {x.size(0)} rows")
+def _rows_of(x, counts) -> ExpertRows:
+    rows = ExpertRows.of(counts)
+    if rows.total != x.size(0):
+        raise ValueError(f"expert counts {rows.counts} do not cover the {x.size(0)} rows")
+    return rows
 
 
-def grouped_linear(x, weight, bias, counts: List[int]):
-    _check_counts(x, counts)
+def grouped_linear(x, weight, bias, counts):
+    """``counts``: K ints, or an :class:`~fairseq_hash.grouped_mm.ExpertRows`."""
+    rows = _rows_of(x, counts)
     with _autocast_by_hand(x.device.type, x, weight, bias) as (x, weight, bias):
-        return GroupedLinear.apply(x, weight, bias, counts)
+        return GroupedLinear.apply(x, weight, bias, rows)
 
 
-def grouped_ffn(x, w1, b1, w2, b2, counts: List[int], activation: str):
-    _check_counts(x, counts)
+def grouped_ffn(x, w1, b1, w2, b2, counts, activation: str):
+    rows = _rows_of(x, counts)
     with _autocast_by_hand(x.device.type, x, w1, b1, w2, b2) as (x, w1, b1, w2, b2):
-        return GroupedFFN.apply(x, w1, b1, w2, b2, counts, activation)
+        return GroupedFFN.apply(x, w1, b1, w2, b2, rows.counts, activation)
 
 
 def fused_activation(fn) -> Optional[str]:
@@ -316,8 +324,9 @@ class ExpertFFN(nn.Module):
             self.fc2_weight[e].copy_(fc2.weight)
             self.fc2_bias[e].copy_(fc2.bias)
 
-    def forward(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
-        # x: [S, d] sorted by expert; counts[e] rows for expert e
+    def forward(self, x: torch.Tensor, counts) -> torch.Tensor:
+        # x: [S, d] sorted by expert; counts[e] rows for expert e (ints or ExpertRows)
+        counts = ExpertRows.of(counts)  # made once for fc1 and fc2
         activation = fused_activation(self.activation_fn)
         if (activation is not None and dropout_inactive(self.activation_dropout)
                 and not grouped_mm.usable(x, self.fc1_weight)):

@@ -29,29 +29,34 @@ class DecidedGate(nn.Module):
         self.total_bins, self.group = total_bins, group
         self.indices = self.weights = None
 
-    def decide(self, indices, weights):
-        self.indices, self.weights = indices, weights  # [S', k]
+    def decide(self, indices, weights, capacity=None):
+        # [S', k]; ``capacity``: a hash layer's, from its plan (else one all-reduce)
+        self.indices, self.weights, self.capacity = indices, weights, capacity
 
     def forward(self, x):
         indices, (S, k), E = self.indices, self.indices.shape, self.total_bins
         flat = indices.reshape(-1)  # [S*k]; dropped slots carry E
         counts = torch.bincount(flat, minlength=E + 1)[:E]
-        capacity = counts.max().clone()
-        dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.group)  # equal splits
-        capacity = max(int(capacity), 1)
+        capacity = self.capacity
+        if capacity is None:
+            capacity = counts.max().clone()
+            dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.group)  # equal splits
+            capacity = int(capacity)
+        capacity = max(capacity, 1)
         # rank of each slot among the slots of its expert, in token order
         order = torch.argsort(flat, stable=True)
         rank = torch.empty_like(flat)
-        rank[order] = torch.arange(flat.numel()) - (counts.cumsum(0) - counts)[
-            flat[order].clamp(max=E - 1)]
-        kept = flat < E
-        token = torch.arange(S).repeat_interleave(k)
+        rank[order] = torch.arange(flat.numel(), device=flat.device) - (
+            counts.cumsum(0) - counts)[flat[order].clamp(max=E - 1)]
+        # a dropped slot writes 0 at a place of its own token (no boolean mask: no sync)
+        kept = (flat < E).to(x.dtype)
+        where = (torch.arange(S, device=flat.device).repeat_interleave(k),
+                 flat.clamp(max=E - 1), rank.clamp(0, capacity - 1))
         dispatch = torch.zeros(S, E, capacity, dtype=x.dtype, device=x.device)
-        dispatch[token[kept], flat[kept], rank[kept]] = 1
-        weight = (self.weights.reshape(-1) if self.weights is not None
+        dispatch.index_put_(where, kept, accumulate=True)
+        weight = (self.weights.reshape(-1).to(x.dtype) if self.weights is not None
                   else torch.ones(S * k, dtype=x.dtype, device=x.device))
-        combine = torch.zeros_like(dispatch)
-        combine[token[kept], flat[kept], rank[kept]] = weight[kept].to(x.dtype)
+        combine = torch.zeros_like(dispatch).index_put_(where, weight * kept, accumulate=True)
         return x.new_zeros(()), combine, dispatch.bool()
 
 
@@ -66,10 +71,10 @@ class LocalExpert(nn.Module):
         self.slot = slot
 
     def forward(self, chunk):
-        rows = chunk.reshape(-1, chunk.size(-1))
+        rows = chunk.reshape(-1, chunk.size(-1)).to(self.ffn.fc1_weight.dtype)
         counts = [0] * self.ffn.bins
         counts[self.slot] = rows.size(0)
-        return self.ffn(rows, counts).view(chunk.shape)
+        return self.ffn(rows, counts).to(chunk.dtype).view(chunk.shape)
 
 
 class FairscaleExchange:
@@ -89,7 +94,12 @@ class FairscaleExchange:
                                                            self.gate.total_bins)])
             if weights is not None:
                 weights = torch.cat([weights, weights.new_zeros(pad, weights.size(1))])
-        self.gate.decide(indices, weights)
-        y = self.moe(x.unsqueeze(1)).squeeze(1)  # [S', 1, d]: MOELayer wants 3 dims
-        dropped = int((indices[:S] >= self.gate.total_bins).sum())
-        return y[:S], dropped
+        capacity = max(max(row) for row in plan.everyone) if plan is not None else None
+        self.gate.decide(indices, weights, capacity)
+        # fairscale's MOELayer casts its dispatch mask to float32 (``dispatch_mask.float()``
+        # in its einsum), which refuses fp16/bf16 inputs: it runs in float32, and each
+        # expert in its weights' dtype (LocalExpert)
+        y = self.moe(x.float().unsqueeze(1)).squeeze(1).to(x.dtype)  # [S', 1, d]: 3 dims
+        if plan is not None:  # a hash layer drops nothing but its padding
+            return y[:S], plan.padding
+        return y[:S], int((indices[:S] >= self.gate.total_bins).sum())

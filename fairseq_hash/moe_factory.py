@@ -13,8 +13,8 @@ import os
 
 import torch
 
-from .expert_parallel import (AllToAllExchange, expert_layout, fail_on_out_of_memory,
-                              sync_expert_gradients, world_size)
+from .expert_parallel import (AllToAllExchange, ExpertGradientSync, expert_layout,
+                              fail_on_out_of_memory, world_size)
 from .experts import ExpertFFN
 from .fairscale_dispatch import FairscaleExchange
 from .hashing import build_hash_function, dictionary_fingerprint
@@ -57,12 +57,15 @@ def build_exchange(spec: HashLayerSpec, layout, experts):
         return None
     if spec.dispatch == "fairscale":
         return FairscaleExchange(layout, experts)
-    return AllToAllExchange(layout)
+    return AllToAllExchange(layout, exact=spec.dispatch == "alltoall-exact")
 
 
 def build_hash_moe(spec: HashLayerSpec, dictionary, layer_idx: int, embed_dim: int,
-                   ffn_dim: int) -> MoELayer:
-    """The routed layer that replaces an FFN of width ``ffn_dim`` on ``embed_dim`` features."""
+                   ffn_dim: int, sync_gradients: bool = True) -> MoELayer:
+    """The routed layer that replaces an FFN of width ``ffn_dim`` on ``embed_dim`` features.
+
+    ``sync_gradients``: the layer's own ExpertGradientSync under expert
+    parallelism (HashLayers gives all layers of a side one instead)."""
     world = world_size()
     layout = expert_layout(spec.parallel_size_for(world)) if world > 1 else None
     K, N = spec.total_experts, spec.num_hashes
@@ -85,12 +88,16 @@ def build_hash_moe(spec: HashLayerSpec, dictionary, layer_idx: int, embed_dim: i
             torch.default_generator.manual_seed(seed)
             router = build_learned_router(spec.router, embed_dim, K, spec.capacity_factor)
     if layout is not None:
-        sync_expert_gradients(list(experts.parameters()), layout)
+        if sync_gradients:
+            ExpertGradientSync(layout).register(experts.parameters())
         fail_on_out_of_memory()  # its collectives must not be skipped on one rank
     exchange = build_exchange(spec, layout, experts)
     if spec.shared_experts:
         with torch.random.fork_rng(devices=[]):  # a generator of their own, as the router's
             torch.default_generator.manual_seed(seed + 1)
             shared = SharedExperts(spec.shared_experts, embed_dim, spec.shared_width(ffn_dim))
-        return SharedExpertMoELayer(router, experts, shared, exchange)
-    return MoELayer(router, experts, exchange)
+        moe = SharedExpertMoELayer(router, experts, shared, exchange)
+    else:
+        moe = MoELayer(router, experts, exchange)
+    moe.layout = layout  # None on one process
+    return moe

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .experts import ExpertFFN, grouped_linear
+from .grouped_mm import ExpertRows
 from .routers import HashRouter, RouterOutput
 
 
@@ -71,7 +72,8 @@ class SegmentedExpertFFN(ExpertFFN):
         return w1, b1, w2, b2
 
     def forward(self, x, counts):
-        # x: [S, d] sorted by narrow expert; counts: K*N ints
+        # x: [S, d] sorted by narrow expert; counts: K*N ints (or ExpertRows)
+        counts = ExpertRows.of(counts)  # made once for fc1 and fc2
         w1, b1, w2, b2 = self.segments()
         h = grouped_linear(x, w1, b1, counts)  # [S, f/N]
         h = self.activation_dropout(self.activation_fn(h))

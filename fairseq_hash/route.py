@@ -1,6 +1,6 @@
 """What a MoE layer is told about one forward pass before its fairseq layer runs.
 
-    route = Route(RouteInputs.from_tokens(tokens, pad, eos), LayerPlan(counts=counts))
+    route = Route(RouteInputs.from_tokens(tokens, pad, eos), plan)   # plan: a LayerPlan
     moe.route = route              # one declared attribute of MoELayer
     y = layer(x)                   # fairseq's layer calls moe(x); the router reads route.inputs
 
@@ -17,7 +17,7 @@ split sizes of the exchange, or the experts a layer will need (to fetch them
 ahead): a new field of :class:`LayerPlan`, not a new attribute of the layer.
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -26,11 +26,16 @@ from .hashing import RouteInputs
 
 @dataclass
 class LayerPlan:
-    """One MoE layer's routing, known before it runs."""
+    """One MoE layer's routing, known before it runs (a hash layer's, from the token
+    ids: ``moe_layer.plan_hash_dispatch``), so the layer reads nothing from the device."""
 
-    # [P, E] every rank's token count for each expert of the layer (expert parallelism:
-    # the exchange's sizes, gathered for all hash layers in one collective)
-    counts: Optional[torch.Tensor] = None
+    indices: Optional[torch.Tensor] = None  # [S, k] expert ids; padding positions carry E
+    counts: Optional[List[int]] = None  # [E] this rank's (token, slot) pairs of each expert
+    device_counts: Optional[torch.Tensor] = None  # [E] the same, on the device
+    # [P][E] each rank of the expert group's counts (expert parallelism: the exchange's
+    # sizes, gathered for all hash layers in one collective)
+    everyone: Optional[List[List[int]]] = None
+    padding: int = 0  # slots of padding positions (routed nowhere)
 
 
 @dataclass

@@ -69,7 +69,7 @@ class HashRouter(nn.Module):
         self.topk = topk
         self.gate = gate
         # contiguous: fairseq's broadcast of a checkpoint to the other ranks sends
-        # a tensor's storage in memory order (expert_parallel.install_checkpoint_reader)
+        # a tensor's storage in memory order (distributed_checkpoints.install_checkpoint_loading)
         self.register_buffer("table", table.long().contiguous())
         self.register_buffer("dict_fingerprint", torch.tensor([dict_fingerprint]))
         self.register_buffer("hash_type_id", torch.tensor([hash_type_id(hash_fn.name)]))

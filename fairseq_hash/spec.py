@@ -113,9 +113,9 @@ class HashLayerSpec:
             raise HashConfigError(f"--hash-count {N} needs --router hash (MultiHash is a hash router)")
         if ffn_dim is not None:
             self._check_width(ffn_dim, ffn_flag)
-        if self.dispatch not in ("alltoall", "fairscale"):
+        if self.dispatch not in ("alltoall", "alltoall-exact", "fairscale"):
             raise HashConfigError(f"--moe-dispatch {self.dispatch!r} is unknown; valid: alltoall, "
-                                  f"fairscale")
+                                  f"alltoall-exact, fairscale")
         P = self.parallel_size_for(world_size)
         if world_size > 1:
             if self.ddp_backend is not None and self.ddp_backend not in EXPERT_SAFE_BACKENDS:

@@ -38,19 +38,23 @@ def main():
     for i in range(30):
         dictionary.add_symbol(f"w{i}")
     torch.manual_seed(0)
+    case, _, dtype = case.partition(":")  # "fairscale:bfloat16": the layer in bf16
+    dtype = getattr(torch, dtype or "float32")
     router, dispatch, steps = {"hash": ("hash", "alltoall", 1), "top2": ("top2", "alltoall", 1),
                                "fairscale": ("hash", "fairscale", 1),
                                "fairscale-top2": ("top2", "fairscale", 1),
+                               "exact": ("hash", "alltoall-exact", 1),
+                               "exact-top2": ("top2", "alltoall-exact", 1),
                                "replicas": ("hash", "alltoall", 3)}[case]
     moe = build_hash_moe(layer_spec(router, dispatch, 1 if case == "replicas" else 0),
-                         dictionary, 0, 8, 16)
+                         dictionary, 0, 8, 16).to(dtype)
     moe.eval()  # learned routers: no capacity, no noise, so every path routes alike
     for step in range(steps):
         x, tokens = tokens_of(rank + 2 * step)
-        x.requires_grad_()
+        x = x.to(dtype).requires_grad_()
         route = RouteInputs.from_tokens(tokens, dictionary.pad(), dictionary.eos())
         y = moe(x.unsqueeze(1), route).squeeze(1)  # [T, B=1, d] as fairseq's layers see it
-        (y * torch.arange(1.0, 9.0)).sum().backward()
+        (y * torch.arange(1.0, 9.0, dtype=dtype)).sum().backward()
         with torch.no_grad():
             for p in moe.experts.parameters():
                 p -= 0.1 * p.grad

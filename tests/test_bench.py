@@ -153,18 +153,33 @@ def test_two_rank_layer_benchmark_times_both_exchanges_and_counts_the_traffic(tm
     out = tmp_path / "ranks.json"
     rows = bench.run(["--ranks", "2", "--experts", "4", "--tokens", "32", "--repeat", "1",
                       "--json", str(out)])
-    assert [r["setting"] for r in rows] == ["1 process, all experts", "2 ranks, alltoall",
+    assert [r["setting"] for r in rows] == ["1 process, all experts",
+                                            "2 ranks, alltoall",
+                                            "2 ranks, alltoall-exact",
                                             "2 ranks, fairscale MOELayer"]
     assert all(r["ms"] > 0 for r in rows)
-    # each rank sends 2 blocks there and back, in forward and backward
-    assert rows[0]["rows_sent_per_rank"] == 0 and rows[1]["rows_sent_per_rank"] >= 4 * 32 // 2
+    # each rank sends its 32 rows there and back, in forward and backward
+    one, padded, exact, fairscale = rows
+    assert one["rows_sent_per_rank"] == 0
+    assert exact["rows_sent_per_rank"] == exact["rows_needed_per_rank"] == 4 * 32
+    assert padded["rows_sent_per_rank"] >= padded["rows_needed_per_rank"] == 4 * 32
     assert json.loads(out.read_text()) == rows
+
+
+def test_rows_on_the_wire_padding_goes_nowhere_and_the_exact_exchange_sends_what_is_needed():
+    rows = bench.run(["--ranks", "2", "--wire", "--repeat", "1"])
+    assert {(r["ranks"], r["padding"]) for r in rows} >= {(8, 0.25), (2, 0.0)}
+    for r in rows:
+        assert r["exact"] == r["rows_needed"] <= r["padded_now"] <= r["padded_before"]
+        if r["padding"] > 0:  # padding positions no longer inflate expert 0's block
+            assert r["padded_now"] < r["padded_before"]
 
 
 @pytest.mark.integration  # starts 4 ranks inside bench.run
 def test_four_rank_layer_benchmark_counts_rows_needed_and_rows_padded():
     rows = bench.run(["--ranks", "4", "--experts", "8", "--tokens", "32", "--repeat", "1"])
     assert [r["setting"] for r in rows] == ["1 process, all experts", "4 ranks, alltoall",
+                                            "4 ranks, alltoall-exact",
                                             "4 ranks, fairscale MOELayer"]
     assert rows[1]["tokens_per_step"] == 4 * 32
     # a rank's 32 tokens, there and back, in forward and backward; padded to 4 equal blocks

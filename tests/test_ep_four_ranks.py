@@ -60,8 +60,11 @@ def test_torchrun_on_two_nodes_of_two_trains_the_one_process_model(one_process,
     # four ranks in one world, not four worlds of one: one file, four batches an update
     assert "2 expert group(s) of 2 consecutive rank(s) (--moe-expert-parallel-size 2)" in out
     assert len(first) == 4 and losses(proc) == first
-    assert sorted(f for f in os.listdir(save) if f.endswith(".pt")) == [
+    files = sorted(f for f in os.listdir(save) if f.endswith(".pt"))
+    assert [f for f in files if f.startswith("checkpoint")] == [
         "checkpoint_best.pt", "checkpoint_last.pt"]
+    # P = 2: ranks 0 and 1 write the experts' shards, their replicas nothing
+    assert len([f for f in files if f.startswith("experts-")]) == 2
     assert_same_weights(os.path.join(epoch1, "checkpoint_last.pt"),
                         os.path.join(save, "checkpoint_last.pt"))
 

@@ -166,7 +166,7 @@ def test_resuming_2_to_1_then_1_to_2_continues_as_one_process_resumes(
 
 
 def run_workers(case, tmp_path):
-    port, out = free_port(), str(tmp_path / case)
+    port, out = free_port(), str(tmp_path / case.replace(":", "-"))
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "ep_worker.py"), str(rank), "2",
                                str(port), case, out], env=env(), stderr=subprocess.PIPE, text=True)
              for rank in range(2)]
@@ -202,7 +202,8 @@ def single_process_reference(router, ranks):
 
 
 @pytest.mark.parametrize("case, router", [("hash", "hash"), ("top2", "top2"),
-                                          ("fairscale", "hash"), ("fairscale-top2", "top2")])
+                                          ("fairscale", "hash"), ("fairscale-top2", "top2"),
+                                          ("exact", "hash"), ("exact-top2", "top2")])
 def test_the_exchange_and_its_backward_equal_one_process(case, router, tmp_path):
     ranks = run_workers(case, tmp_path)
     y, x_grad, updated = single_process_reference(router, ranks)
@@ -211,6 +212,17 @@ def test_the_exchange_and_its_backward_equal_one_process(case, router, tmp_path)
     assert [r["first"] for r in ranks] == [0, 2]  # two experts a rank
     for name, value in updated.items():
         torch.testing.assert_close(torch.cat([r["experts"][name] for r in ranks]), value)
+
+
+def test_fairscale_dispatch_runs_in_bf16_as_the_index_exchange_does(tmp_path):
+    # fairscale's MOELayer casts its dispatch mask to float32: bf16 inputs failed
+    # ("expected scalar type Float but found BFloat16")
+    fairscale = run_workers("fairscale:bfloat16", tmp_path)
+    alltoall = run_workers("hash:bfloat16", tmp_path)
+    for a, b in zip(fairscale, alltoall):
+        assert a["y"].dtype == torch.bfloat16
+        torch.testing.assert_close(a["y"], b["y"])
+        torch.testing.assert_close(a["x_grad"], b["x_grad"])
 
 
 def test_expert_replicas_stay_bit_identical_and_learn_from_both_ranks(tmp_path):
@@ -227,6 +239,20 @@ def test_replicas_on_two_ranks_train_the_one_rank_model(data_bin, one_rank, tmp_
     assert two == one_rank[1][:len(two)]
     assert_same_weights(os.path.join(one_rank[0], "checkpoint1.pt"),
                         os.path.join(save, "checkpoint_last.pt"))
+
+
+def test_accumulating_micro_batches_sync_expert_gradients_once_an_update(data_bin, tmp_path):
+    # 2 ranks of 2 micro-batches an update against 1 rank of 4: expert gradients
+    # are divided by W on the last micro-batch only (fairseq's no_sync on the
+    # others); dividing at every backward would halve the first one's share
+    one = losses(train_on_one_rank(data_bin, str(tmp_path / "one"), "--max-update", "4",
+                                   "--update-freq", "4"))
+    proc = train_on_two_ranks(data_bin, str(tmp_path / "two"), "--max-update", "4",
+                              "--update-freq", "2")
+    assert "reduced once per update, on the last micro-batch" in proc.stdout + proc.stderr
+    assert len(one) == 4 and losses(proc) == one
+    assert_same_weights(str(tmp_path / "one" / "checkpoint_last.pt"),
+                        str(tmp_path / "two" / "checkpoint_last.pt"))
 
 
 @pytest.mark.parametrize("flags, expected", [

@@ -162,9 +162,8 @@ def test_train_resume_and_generate_through_fairseq_without_environment(pairs, tm
 
 
 def test_generate_speed_script_prints_both_models(pairs, tmp_path):
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "generate_speed.py")
     out = str(tmp_path / "rows.json")
-    proc = run([sys.executable, script, pairs, "--updates", "2", "--repeats", "1", "--layers", "1",
+    proc = run([sys.executable, "-m", "fairseq_hash.cli.bench.generate", pairs, "--updates", "2", "--repeats", "1", "--layers", "1",
                 "--embed-dim", "32", "--ffn-dim", "64", "--experts", "4", "--length", "5",
                 "--json", out])
     lines = proc.stdout.splitlines()

@@ -87,6 +87,8 @@ def test_a_model_hands_each_hash_layer_its_route_for_the_forward_only(tmp_path):
         moe.register_forward_pre_hook(lambda m, args, idx=idx: seen.update({idx: m.route}))
     model(tokens)
     for idx, moe in model.decoder.moe_layers.items():
-        assert isinstance(seen[idx], Route) and seen[idx].plan is None  # one process: no plan
+        # the hash layers' dispatch, planned before any layer ran: counts on the host
+        assert isinstance(seen[idx], Route) and seen[idx].plan.counts is not None
+        assert sum(seen[idx].plan.counts) == tokens.numel()  # no padding here
         assert torch.equal(seen[idx].inputs.tokens, tokens)
         assert moe.route is None  # nothing left behind for the next call

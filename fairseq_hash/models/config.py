@@ -135,8 +135,9 @@ class HashRoutingConfig(FairseqDataclass):
         default=DEFAULT.dispatch,
         metadata={
             "help": "how tokens reach experts on other ranks: alltoall (sorted by expert, "
-            "padded to the step's largest count, fairscale's all-to-all) or fairscale "
-            "(fairscale's MOELayer with dense dispatch masks, for comparison)"
+            "padded to the step's largest count, fairscale's all-to-all), alltoall-exact "
+            "(torch's all_to_all_single with exact split sizes: no padding rows) or "
+            "fairscale (fairscale's MOELayer with dense dispatch masks, for comparison)"
         },
     )
 

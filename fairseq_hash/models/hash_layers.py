@@ -12,14 +12,14 @@ import logging
 from contextlib import contextmanager
 from typing import List
 
-import torch
 
 from ..errors import HashConfigError
-from ..expert_parallel import gather_counts, world_size
+from ..expert_parallel import ExpertGradientSync, world_size
 from ..expert_shards import num_rows
 from ..hashing import RouteInputs, expected_load, token_counts
 from ..moe_factory import build_hash_moe
-from ..route import LayerPlan, Route
+from ..moe_layer import plan_hash_dispatch
+from ..route import Route
 from ..routers import HashRouter
 from ..spec import HashLayerSpec
 from .fairseq_surgery import pass_route_through, replace_ffn
@@ -104,34 +104,45 @@ class HashLayers:
         for idx in self.hash_layer_ids:
             layer = self.layers[idx]
             moe = build_hash_moe(spec, dictionary, seed_offset + idx, layer.embed_dim,
-                                 layer.fc1.out_features)
+                                 layer.fc1.out_features, sync_gradients=False)
             replace_ffn(layer, moe)
             pass_route_through(layer, moe)
             self.moe_layers[idx] = moe
+        self.gradient_sync = self._gradient_sync()
         log_expected_load(self.moe_layers, dictionary, self.side)
 
-    def plan_exchanges(self, inputs: RouteInputs):
-        """Every expert-parallel hash layer's counts of all ranks, in one collective.
+    def _gradient_sync(self) -> ExpertGradientSync:
+        """One sync for all hash layers of this side, anchored at its input embedding
+        (autograd's last gradient of the side: see ExpertGradientSync)."""
+        layout = next((moe.layout for moe in self.moe_layers.values()), None)
+        sync = ExpertGradientSync(layout)
+        for moe in self.moe_layers.values():
+            sync.register(moe.experts.parameters())
+        shared = [p for p in self.parameters() if not hasattr(p, "expert")]
+        anchor = next((p for p in [self.embed_tokens.weight, *shared] if p.requires_grad), None)
+        if anchor is not None:
+            sync.set_anchor(anchor)
+        if layout is not None:
+            sync.follow_wrapper(self)
+        return sync
 
-        A hash layer's routing depends on token ids alone, so the exchange
-        sizes of all of them are known before the first layer runs.
+    def plan_dispatch(self, inputs: RouteInputs):
+        """Every hash layer's dispatch of this forward pass, with one read from the device.
+
+        A hash layer's routing depends on token ids alone, so the counts and
+        exchange sizes of all of them are known before the first layer runs
+        (see moe_layer.plan_hash_dispatch). Learned routers plan nothing.
         """
-        planned = {idx: moe for idx, moe in self.moe_layers.items()
-                   if moe.exchange is not None and isinstance(moe.router, HashRouter)}
+        planned = {idx: moe for idx, moe in self.moe_layers.items() if moe.plans_ahead}
         if not planned:
             return {}
-        counts = torch.stack([
-            torch.bincount(moe.router(None, inputs).indices.reshape(-1),
-                           minlength=moe.total_bins)
-            for moe in planned.values()])  # [layers, E]
-        layout = next(iter(planned.values())).exchange.layout
-        everyone = gather_counts(counts, layout)  # [P, layers, E]
-        return {idx: LayerPlan(counts=everyone[:, i]) for i, idx in enumerate(planned)}
+        return dict(zip(planned, plan_hash_dispatch(list(planned.values()), inputs)))
 
     @contextmanager
     def routing(self, inputs: RouteInputs):
         """Give every hash layer the route of one forward pass (see fairseq_surgery)."""
-        plans = self.plan_exchanges(inputs)
+        self.gradient_sync.begin()
+        plans = self.plan_dispatch(inputs)
         for idx, moe in self.moe_layers.items():
             moe.route = Route(inputs, plans.get(idx))
         try:

@@ -88,6 +88,10 @@ def parse_args(argv=None):
     parser.add_argument("--counts", action="store_true",
                         help="with --ranks: time one all-gather of every hash layer's "
                         "expert counts against one a layer (--layers of them)")
+    parser.add_argument("--wire", action="store_true",
+                        help="with --ranks 2: rows the expert-parallel exchange sends per step "
+                        "at P = 2, 4, 8 ranks (counted from simulated routing, no processes): "
+                        "padded all-to-all before and now, and the exact-split exchange")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")

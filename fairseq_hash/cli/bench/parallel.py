@@ -8,12 +8,22 @@
 of every hash layer's per-expert counts) against one all-gather a layer.
 
 The layer mode times one hash layer's forward and backward (d=512, f=2048), each
-of W gloo ranks holding K/W experts and its own S tokens, with the default
-exchange (``alltoall``) and with fairscale's ``MOELayer`` (``fairscale``),
-against the same layer on one process over the same WS tokens with all K
-experts. It prints the time per step, the rows and bytes each rank sends per
-step (forward and backward, both directions; every block padded to the
-largest), and the rows its tokens need (the same without padding).
+of W gloo ranks holding K/W experts and its own S tokens (uniformly random
+experts), with the default exchange (``alltoall``, every block padded to the
+largest), the exact one (``alltoall-exact``, no padding) and fairscale's
+``MOELayer`` (``fairscale``), against the same layer on one process over the
+same WS tokens with all K experts. It prints the time per step, the rows and
+bytes each rank sends per step (forward and backward, both directions), and
+the rows its tokens need (the same without padding).
+
+``--wire`` counts the rows the exchange moves at sizes this machine cannot run
+(P = 2, 4, 8 ranks, 4096 and 16384 tokens a rank, K = 64): token ids drawn from
+a Zipf vocabulary of 32000 symbols, routed by a balanced hash of their
+expected counts, right-padded rows making up 0, 10 or 25% of a batch
+(``--repeat`` batches a row). It prints, per step and summed over ranks, the
+rows with a token, and the rows fairscale's padded all-to-all sends with
+padding positions sent to expert 0 (before) and sent nowhere (now); the exact
+exchange (``--moe-dispatch alltoall-exact``) sends the rows with a token.
 
 ``--train`` runs ``fairseq-train`` on W gloo ranks (launched by hand, as
 docs/several-workers.md shows): the hash LM expert-parallel, and the dense
@@ -63,7 +73,7 @@ def layer_worker(rank, world, port, experts, tokens, dispatch, repeat, out):
         layout = expert_layout(world)  # P = W: W divides K here
         ffn = ExpertFFN(experts, d, f, shard=layout.shard, num_shards=layout.parallel_size)
         exchange = (FairscaleExchange(layout, ffn) if dispatch == "fairscale"
-                    else AllToAllExchange(layout))
+                    else AllToAllExchange(layout, exact=dispatch == "alltoall-exact"))
     else:
         ffn, exchange = ExpertFFN(experts, d, f), None
     router = Fixed()
@@ -85,6 +95,8 @@ def layer_worker(rank, world, port, experts, tokens, dispatch, repeat, out):
         capacity = int(pair.max())  # rows of each block of the padded exchange
         sent = 4 * world * capacity  # forward there and back, and the same in backward
         needed = 4 * int(pair[rank].sum())
+        if dispatch == "alltoall-exact":
+            sent = needed  # exact split sizes: no padding rows
         dist.destroy_process_group()
     with open(f"{out}.{rank}", "w") as fh:
         json.dump({"seconds": sorted(times)[len(times) // 2], "rows_sent": sent,
@@ -130,11 +142,12 @@ def run_counts(args):
 
 def run_layer(args):
     rows, W = [], args.ranks
-    for name, world, tokens in (("1 process, all experts", 1, W * args.tokens),
-                                (f"{W} ranks, alltoall", W, args.tokens),
-                                (f"{W} ranks, fairscale MOELayer", W, args.tokens)):
+    for name, world, tokens, dispatch in (
+            ("1 process, all experts", 1, W * args.tokens, "alltoall"),
+            (f"{W} ranks, alltoall", W, args.tokens, "alltoall"),
+            (f"{W} ranks, alltoall-exact", W, args.tokens, "alltoall-exact"),
+            (f"{W} ranks, fairscale MOELayer", W, args.tokens, "fairscale")):
         port, out = free_port(), f"/tmp/ep-bench-{os.getpid()}"
-        dispatch = "fairscale" if "fairscale" in name else "alltoall"
         procs = [subprocess.Popen([*SELF, "_layer", str(r), str(world),
                                    str(port), str(args.experts), str(tokens), dispatch,
                                    str(args.repeat), out]) for r in range(world)]
@@ -207,6 +220,52 @@ def run_train(args):
     return rows
 
 
+def padded_rows(experts: torch.Tensor, num_experts: int, ranks: int) -> int:
+    """Rows of fairscale's padded all-to-all, summed over ranks, one direction:
+    ``experts [P, S]`` (id ``num_experts``: goes nowhere) -> P * P * C."""
+    counts = torch.stack([torch.bincount(e, minlength=num_experts + 1)[:num_experts]
+                          for e in experts])  # [P, K]
+    pair = counts.view(ranks, ranks, -1).sum(-1)  # [src, dst]
+    return ranks * ranks * int(pair.max())
+
+
+def run_wire(args, vocab=32000, num_experts=64):
+    from ...hashing import greedy_balance
+
+    draws = args.repeat  # batches drawn for each row
+    gen = torch.Generator().manual_seed(0)
+    probs = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)  # Zipf, exponent 1
+    probs /= probs.sum()
+    table = greedy_balance(probs * 1e9, num_experts)  # the balanced hash of these counts
+    rows = []
+    for ranks in (2, 4, 8):
+        for tokens in (4096, 16384):
+            for pad_share in (0.0, 0.1, 0.25):
+                needed = before = now = 0
+                for _ in range(draws):
+                    ids = torch.multinomial(probs, ranks * tokens, replacement=True,
+                                            generator=gen).view(ranks, tokens)
+                    experts = table[ids]
+                    # right padding: the last pad_share of each 512-token row
+                    pad = (torch.arange(tokens) % 512) >= round(512 * (1 - pad_share))
+                    pad = pad.expand(ranks, tokens)
+                    needed += int((~pad).sum())
+                    before += padded_rows(experts.masked_fill(pad, 0), num_experts, ranks)
+                    now += padded_rows(experts.masked_fill(pad, num_experts), num_experts, ranks)
+                rows.append({"ranks": ranks, "tokens_per_rank": tokens, "padding": pad_share,
+                             "rows_needed": needed / draws, "padded_before": before / draws,
+                             "padded_now": now / draws, "exact": needed / draws})
+    print(f"| P | tokens a rank | padding | rows with a token | padded all-to-all, padding "
+          f"to expert 0 (before) | padded all-to-all, padding nowhere (now) | exact split |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        n = r["rows_needed"]
+        print(f"| {r['ranks']} | {r['tokens_per_rank']} | {r['padding']:.0%} | {n:.0f} | "
+              f"{r['padded_before']:.0f} (+{r['padded_before'] / n - 1:.1%}) | "
+              f"{r['padded_now']:.0f} (+{r['padded_now'] / n - 1:.1%}) | {n:.0f} (+0%) |")
+    return rows
+
+
 def run_ranks(args) -> list:
     """The --ranks 2 and 4 modes of fairseq-hash-bench; ``args`` are its parsed flags."""
     if args.ranks not in (2, 4):
@@ -216,6 +275,8 @@ def run_ranks(args) -> list:
         raise HashConfigError(f"--experts {args.experts[0]} with --ranks {args.ranks}: the "
                               f"ranks must divide the experts")
     args.experts, args.tokens = args.experts[0], (args.tokens or [4096])[0]
+    if args.wire:
+        return run_wire(args)
     if args.counts:
         return run_counts(args)
     return run_train(args) if args.train else run_layer(args)
