@@ -45,4 +45,6 @@ def test_old_checkpoint_gives_the_recorded_log_probabilities(name):
     with torch.no_grad():
         logits = model(tokens[:, :-1])[0].double()
     logprob = float(logits.log_softmax(-1).gather(-1, tokens[:, 1:, None]).sum())
-    assert logprob == pytest.approx(EXPECTED[name]["logprob"], rel=1e-9)
+    # recorded on one thread: other thread counts sum float32 products in another
+    # order (about 4e-9 relative here); an expert or a route changed moves it by far more
+    assert logprob == pytest.approx(EXPECTED[name]["logprob"], rel=1e-7)

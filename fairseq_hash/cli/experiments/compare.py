@@ -179,7 +179,7 @@ def run_one(cfg, data_bin, out_dir, name, model, k, seed, index, count):
     elif os.path.exists(checkpoint):
         # final numbers from fairseq-eval-lm: it scores every token of the split,
         # where fairseq-train's validation drops a last batch whose size is not a
-        # multiple of --required-batch-size-multiple (8), blocks chosen by --seed (README)
+        # multiple of --required-batch-size-multiple (8), blocks chosen by --seed (docs/fairseq-notes.md)
         print(f"{tag} evaluating on the valid and test splits", flush=True)
         for subset in ("valid", "test"):
             scored = run_fairseq("fairseq-eval-lm", eval_args(cfg, data_bin, checkpoint, subset),
