@@ -102,7 +102,7 @@ def step():
 step()  # warm-up: the grouped product's probe and the pinned memory pool
 torch.cuda.synchronize()
 # every synchronisation warning, with the Python stack that made it
-LAYER_FILES = ("moe_layer.py", "experts.py", "grouped_mm.py", "expert_parallel.py",
+LAYER_FILES = ("moe_layer.py", "experts.py", "grouped_mm.py",
                "fairscale_dispatch.py", "multihash.py", "shared_experts.py", "routers.py")
 seen = []
 def record(message, category, filename, lineno, file=None, line=None):
@@ -115,7 +115,8 @@ step()
 torch.cuda.set_sync_debug_mode(0)
 planned = [s for s in seen if any(f.name == "plan_hash_dispatch" for f in s)]
 inside = [f"{s[-1].filename}:{s[-1].lineno}" for s in seen if s not in planned
-          and any(os.path.basename(f.filename) in LAYER_FILES for f in s)]
+          and any(os.path.basename(f.filename) in LAYER_FILES
+                  or os.path.join("fairseq_hash", "expert_parallel", "") in f.filename for f in s)]
 outside = [f"{s[-1].filename}:{s[-1].lineno}" for s in seen
            if s not in planned and f"{s[-1].filename}:{s[-1].lineno}" not in inside]
 print("syncs of the dispatch plan (one a forward pass expected):", len(planned))

@@ -67,7 +67,7 @@ def prepare_expert_parallel(model):
         return
     # PyTorch's DDP would average them over all ranks, and broadcast rank 0's
     # experts over the others' at the start; their gradients are synced by
-    # expert_parallel.ExpertGradientSync
+    # expert_parallel.gradient_sync.ExpertGradientSync
     model._ddp_params_and_buffers_to_ignore = expert_names
     if any(True for _ in sharded_experts(model)):
         install_checkpoint_wrappers()

@@ -10,7 +10,7 @@ its ``[P, C, d]`` rows. Here the "gate" is the router's decision already made
 (a hash, or a learned router), and the capacity C is the largest count any
 rank sends any expert in this step (one all-reduce), so nothing is dropped.
 It is offered to compare against the default index-based exchange
-(:class:`~fairseq_hash.expert_parallel.AllToAllExchange`); the outputs and
+(:class:`~fairseq_hash.expert_parallel.exchange.AllToAllExchange`); the outputs and
 gradients are equal, and the dense masks cost memory and time that grow with
 E and C (BENCHMARKS.md).
 """

@@ -91,7 +91,7 @@ class MoELayer(nn.Module):
         router (nn.Module): maps ``([S, d], RouteInputs)`` to a RouterOutput
         experts (ExpertFFN): the K expert FFNs
         exchange: sends tokens to the ranks of their experts and back
-            (expert_parallel.AllToAllExchange); None on one process
+            (expert_parallel.exchange.AllToAllExchange); None on one process
     """
 
     def __init__(self, router: nn.Module, experts: ExpertFFN, exchange=None):
@@ -99,11 +99,12 @@ class MoELayer(nn.Module):
         self.router = router
         self.experts = experts
         # expert parallelism: sends tokens to the ranks of their experts and back
-        # (expert_parallel.AllToAllExchange); None on one process
+        # (expert_parallel.exchange.AllToAllExchange); None on one process
         self.exchange = exchange
         self.parallel_size = getattr(getattr(exchange, "layout", None), "parallel_size", 1)
         self.route: Optional[Route] = None  # of the running forward pass, set by the model
-        self.layout = None  # expert_parallel.ExpertLayout on several ranks (set by moe_factory)
+        # expert_parallel.layout.ExpertLayout on several ranks (set by moe_factory)
+        self.layout = None
         self.aux_loss = None  # of the last forward, read by the criterion
         self.last_indices = None  # of the last forward, read by routing reports
         self.num_dropped = 0

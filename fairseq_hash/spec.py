@@ -195,7 +195,7 @@ class HashLayerSpec:
         ``--moe-expert-parallel-size`` where given; else P = W when W divides
         K (K/W experts a rank), P = K when K divides W, cut to a divisor of
         the ranks of one node (``node_size``, by default
-        :func:`~fairseq_hash.expert_parallel.ranks_per_node`), so that no
+        :func:`~fairseq_hash.expert_parallel.layout.ranks_per_node`), so that no
         all-to-all crosses nodes (consecutive ranks share a node under
         torchrun and fairseq's spawn).
         """

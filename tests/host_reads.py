@@ -20,10 +20,17 @@ from torch.overrides import TorchFunctionMode
 
 READS = {"item", "tolist", "__int__", "__bool__", "__index__", "__float__", "nonzero",
          "masked_select", "unique"}
-# files of the hash layers: a read with one of them on the stack is inside a layer
-LAYER_FILES = ("moe_layer.py", "experts.py", "expert_parallel.py", "fairscale_dispatch.py",
+# files of the hash layers, relative to fairseq_hash/ (one ending in "/": every file of
+# that package): a read with one of them on the stack is inside a layer
+LAYER_FILES = ("moe_layer.py", "experts.py", "expert_parallel/", "fairscale_dispatch.py",
                "multihash.py", "shared_experts.py", "routers.py", "scores.py")
 PLANNER = "plan_hash_dispatch"  # the one read of the forward pass
+
+
+def in_layer(filename):
+    """Whether ``filename``, a file of fairseq_hash, is one of LAYER_FILES."""
+    path = filename.rsplit(os.sep + "fairseq_hash" + os.sep, 1)[-1].replace(os.sep, "/")
+    return any(path == f or f.endswith("/") and path.startswith(f) for f in LAYER_FILES)
 
 
 def _is_read(func, args, kwargs):
@@ -50,8 +57,7 @@ class HostReads(TorchFunctionMode):
             stack = traceback.extract_stack()[:-1]
             ours = [f for f in stack if os.sep + "fairseq_hash" + os.sep in f.filename]
             planned = any(f.name == PLANNER for f in ours)
-            inside = not planned and any(os.path.basename(f.filename) in LAYER_FILES
-                                         for f in ours)
+            inside = not planned and any(in_layer(f.filename) for f in ours)
             where = f"{ours[-1].filename}:{ours[-1].lineno}" if ours else stack[-1].filename
             self.reads.append((getattr(func, "__name__", str(func)), where, planned, inside))
         return func(*args, **kwargs)
