@@ -8,7 +8,7 @@ from .errors import install_excepthook, running_as_command  # noqa: E402
 # registers the hash functions, models, criterion and optimizer
 from . import criterions, hashing, models, optim  # noqa: E402,F401
 from .distributed_checkpoints import install_checkpoint_loading  # noqa: E402
-from .offload import install_offload_loading  # noqa: E402
+from .offload.loading import install_offload_loading  # noqa: E402
 
 # sharded and one-file checkpoints of any layout on any number of ranks,
 # before fairseq loads any
