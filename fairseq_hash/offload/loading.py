@@ -93,26 +93,3 @@ def _give_overrides(state: dict, overrides: dict):
         for name in OFFLOAD_FIELDS:
             if name in overrides and name not in model_cfg:
                 model_cfg[name] = overrides[name]
-
-
-
-def install_offload_loading():
-    """Wrap fairseq's ``checkpoint_utils.load_checkpoint_to_cpu``, which every serving
-    tool and the hub interface load through: with ``hash_offload_experts`` among
-    the overrides, the loaded experts are memory-mapped from the file instead."""
-    import functools
-
-    from fairseq import checkpoint_utils
-
-    load = checkpoint_utils.load_checkpoint_to_cpu
-    if getattr(load, "_fairseq_hash_offload", False):
-        return
-
-    @functools.wraps(load)
-    def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
-        with read_errors(path, arg_overrides):
-            state = load(path, arg_overrides, load_on_all_ranks)
-        return map_if_asked(state, path, arg_overrides)
-
-    load_checkpoint_to_cpu._fairseq_hash_offload = True
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
