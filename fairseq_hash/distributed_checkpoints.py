@@ -37,6 +37,7 @@ from fairseq import checkpoint_utils
 
 from . import expert_shards
 from .experts import ExpertFFN
+from .offload import loading as offload_loading
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +269,10 @@ def install_checkpoint_loading():
     another model (``tests/test_ep_resume.py``). And the saved expert-parallel
     size is forgotten (:func:`_forget_saved_layout`): fairseq's tools rebuild a
     model from the checkpoint's flags, and a P of the writing run may be
-    impossible for the reading one.
+    impossible for the reading one. With ``hash_offload_experts`` among the
+    overrides, the experts of the state, shards resolved, are then mapped from
+    the file (:func:`offload.loading.map_if_asked`), and a file torch cannot
+    read is refused in one line (:func:`offload.loading.read_errors`).
     """
     if getattr(checkpoint_utils.load_checkpoint, "_fairseq_hash", False):
         return
@@ -276,9 +280,11 @@ def install_checkpoint_loading():
 
     @functools.wraps(to_cpu)
     def load_checkpoint_to_cpu(path, arg_overrides=None, *args, **kwargs):
-        state = _contiguous(to_cpu(path, arg_overrides, *args, **kwargs))
-        _forget_saved_layout(state, arg_overrides)
-        return expert_shards.resolve_shards(state, path)
+        with offload_loading.read_errors(path, arg_overrides):
+            state = _contiguous(to_cpu(path, arg_overrides, *args, **kwargs))
+            _forget_saved_layout(state, arg_overrides)
+            state = expert_shards.resolve_shards(state, path)
+        return offload_loading.map_if_asked(state, path, arg_overrides)
 
     @functools.wraps(load)
     def load_checkpoint(cfg, trainer, **kwargs):

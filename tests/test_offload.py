@@ -295,6 +295,19 @@ def error_line(proc):
     return lines[0]
 
 
+def test_fairseqs_checkpoint_reader_is_wrapped_once_also_for_offload():
+    import inspect
+
+    from fairseq import checkpoint_utils
+    from fairseq_hash import distributed_checkpoints
+
+    reader = checkpoint_utils.load_checkpoint_to_cpu
+    distributed_checkpoints.install_checkpoint_loading()  # again: still one wrapper
+    assert checkpoint_utils.load_checkpoint_to_cpu is reader
+    assert inspect.getfile(reader) == inspect.getfile(distributed_checkpoints)
+    assert inspect.getfile(reader.__wrapped__) == inspect.getfile(checkpoint_utils)
+
+
 def test_a_truncated_checkpoint_is_refused_in_one_line_naming_it(corpus_checkpoint, tmp_path):
     corpus, path = corpus_checkpoint
     cut = str(tmp_path / "cut.pt")

@@ -108,9 +108,9 @@ class _Serving:
 
     def __enter__(self):
         if self.cold_file:
-            from fairseq_hash.offload import _drop_page_cache
+            from fairseq_hash.offload import drop_page_cache
 
-            _drop_page_cache(self.cold_file)
+            drop_page_cache(self.cold_file)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets the peak resident set size (Linux)
         self.read = _read_bytes()
@@ -126,14 +126,14 @@ class _Serving:
 def child(opts):
     """One run: print a JSON line of its numbers."""
     import fairseq_hash  # noqa: F401
-    from fairseq_hash.offload import ExpertSource, _drop_page_cache, offload_stats
+    from fairseq_hash.offload import ExpertSource, drop_page_cache, offload_stats
 
     overrides = {}
     if opts.offload != "none":
         overrides = {"hash_offload_experts": opts.offload, "hash_expert_cache": opts.cache}
     cold = opts.checkpoint if opts.cold else None
     if opts.cold:
-        _drop_page_cache(opts.checkpoint)
+        drop_page_cache(opts.checkpoint)
         ExpertSource.uncached = True
     result = {}
     if opts.task == "eval":

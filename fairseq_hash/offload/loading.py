@@ -1,0 +1,95 @@
+"""Loading a checkpoint for offload: its experts memory-mapped from the file.
+
+fairseq's tools and the hub interface read checkpoints through
+``checkpoint_utils.load_checkpoint_to_cpu``; the plugin's one wrapper of it
+(``distributed_checkpoints.install_checkpoint_loading``) reads the file inside
+:func:`read_errors` and hands the state, shards resolved, to
+:func:`map_if_asked`. Both are inert unless the overrides ask for
+``hash_offload_experts``.
+
+fairseq reads the checkpoint with ``torch.load`` on an open file, which torch
+cannot map (``mmap=True`` needs a path), so the whole file passes through
+memory once while loading; the experts' copies are freed right after.
+"""
+import contextlib
+
+import torch
+
+from ..errors import HashConfigError
+from .flags import OFFLOAD_FIELDS, check_offload_mode
+from .mapped import backing_file, file_mappings
+from .store import EXPERT_PARAMS
+
+
+def asked_mode(overrides) -> str:
+    """The ``hash_offload_experts`` the overrides ask for (``"none"`` if none)."""
+    return (overrides or {}).get("hash_offload_experts", "none") or "none"
+
+
+@contextlib.contextmanager
+def read_errors(path: str, overrides):
+    """Around reading checkpoint ``path``: with offload asked for, the mode is
+    checked first, and a file torch cannot read is refused in one line."""
+    mode = asked_mode(overrides)
+    if mode == "none":
+        yield
+        return
+    check_offload_mode(mode)
+    try:
+        yield
+    except (RuntimeError, EOFError) as exc:  # torch's zip reader on a cut file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HashConfigError(f"--hash-offload-experts: cannot read the checkpoint {path} "
+                              f"({reason}); is it truncated?") from None
+
+
+def map_if_asked(state: dict, path: str, overrides) -> dict:
+    """With offload asked for: the overrides given to a checkpoint saved before
+    they existed, and the experts of ``state`` mapped from ``path``. Returns
+    ``state``."""
+    if asked_mode(overrides) == "none":
+        return state
+    _give_overrides(state, overrides)
+    if "model" in state:
+        from fairseq.file_io import PathManager
+
+        map_expert_tensors(state["model"], PathManager.get_local_path(path))
+    return state
+
+
+def map_expert_tensors(model_state: dict, path: str) -> int:
+    """Replace the expert stacks of a loaded state dict by views of ``path`` mapped
+    into memory (``torch.load(mmap=True)``), so that no expert stays in memory.
+
+    Stacks already mapped from a file (a loader that maps its shards) are kept.
+    Returns the number replaced.
+    """
+    keys = [k for k, v in model_state.items()
+            if k.rsplit(".", 1)[-1] in EXPERT_PARAMS and ".experts." in k and torch.is_tensor(v)]
+    mappings = file_mappings()
+    keys = [k for k in keys if backing_file(model_state[k], mappings) is None]
+    if not keys:
+        return 0
+    mapped = torch.load(path, map_location="cpu", mmap=True)["model"]
+    replaced = 0
+    for key in keys:
+        value = mapped.get(key)
+        if value is not None and value.shape == model_state[key].shape \
+                and value.dtype == model_state[key].dtype:
+            model_state[key] = value
+            replaced += 1
+    return replaced
+
+
+def _give_overrides(state: dict, overrides: dict):
+    """fairseq overwrites only the keys a checkpoint's saved config has; one saved
+    before these flags existed lacks them: add them."""
+    from omegaconf import OmegaConf, open_dict
+
+    model_cfg = (state.get("cfg") or {}).get("model")
+    if not OmegaConf.is_config(model_cfg):
+        return  # an argparse model's Namespace (or "args"): fairseq sets every override
+    with open_dict(model_cfg):
+        for name in OFFLOAD_FIELDS:
+            if name in overrides and name not in model_cfg:
+                model_cfg[name] = overrides[name]
