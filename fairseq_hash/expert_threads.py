@@ -11,7 +11,7 @@ $FAIRSEQ_HASH_EXPERT_THREADS sets the threads (default: torch's).
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Callable, List
+from typing import Callable, Collection, List, Optional
 
 import torch
 
@@ -64,7 +64,8 @@ def _run_group(work: Callable, group, share: int, changed: list):
         work(group)
 
 
-def for_expert_groups(device: torch.device, counts: List[int], work: Callable):
+def for_expert_groups(device: torch.device, counts: List[int], work: Callable,
+                      only: Optional[Collection[int]] = None):
     """Call ``work(bounds)`` on groups of experts covering all rows.
 
     On CPU the experts are split into groups of about equal rows, at most one
@@ -75,6 +76,11 @@ def for_expert_groups(device: torch.device, counts: List[int], work: Callable):
     where all threads wait for the slowest, and on a shared machine that is
     one descheduled thread (BENCHMARKS.md measures both ways). Elsewhere, and
     for one group, ``work`` runs here on all experts.
+
+    ``only`` runs just those experts, each with the threads it has when all of
+    ``counts`` run at once: a product's rounding can depend on its thread
+    count, so an offloaded layer computing its experts in turns rounds as the
+    resident layer does.
     """
     bounds = list(_bounds(counts))
     if not bounds:
@@ -82,7 +88,7 @@ def for_expert_groups(device: torch.device, counts: List[int], work: Callable):
     threads = expert_threads() if device.type == "cpu" else 1
     workers = min(threads, len(bounds))
     if workers <= 1:
-        work(bounds)
+        work([b for b in bounds if only is None or b[0] in only])
         return
     total = sum(hi - lo for _, lo, hi in bounds)
     groups = [[] for _ in range(workers)]
@@ -90,6 +96,10 @@ def for_expert_groups(device: torch.device, counts: List[int], work: Callable):
         groups[min(workers - 1, (lo + hi) * workers // (2 * total))].append((e, lo, hi))
     groups = [g for g in groups if g]
     shares = [threads // len(groups) + (i < threads % len(groups)) for i in range(len(groups))]
+    if only is not None:
+        kept = [([b for b in g if b[0] in only], share) for g, share in zip(groups, shares)]
+        groups = [g for g, _ in kept if g]
+        shares = [share for g, share in kept if g]
     changed = []
     futures = [_pool(threads).submit(_run_group, work, g, share, changed)
                for g, share in zip(groups, shares)]

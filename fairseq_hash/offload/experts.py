@@ -98,16 +98,18 @@ class OffloadedExperts(nn.Module):
                 for key in turn:
                     entries[key[1]] = self.cache.get(key)
                 lo, hi = starts[turn[0][1]], starts[turn[-1][1] + 1]
-                part = [n if e in entries else 0 for e, n in enumerate(counts)]
-                self._compute(x[lo:hi], y[lo:hi], part, entries)
+                self._compute(x[lo:hi], y[lo:hi], lo, counts, entries)
             finally:
                 for e in entries:
                     self.cache.release((self.key, e))
         return y
 
     @torch.no_grad()
-    def _compute(self, x, y, counts, entries):
-        """Each expert's rows, as ExpertFFN computes them on CPU (same products, same groups)."""
+    def _compute(self, x, y, first_row, counts, entries):
+        """The rows of the experts in ``entries`` (``x`` and ``y`` start at row
+        ``first_row`` of the layer's), as ExpertFFN computes them on CPU: the
+        same products, each with the threads it has when the layer's experts all
+        run at once (``for_expert_groups``'s ``only``), so that they round alike."""
         if x.device.type == "cuda":
             cuda.wait_for(entries.values(), x.device)
         activation = fused_activation(self.activation_fn)
@@ -115,24 +117,26 @@ class OffloadedExperts(nn.Module):
         if activation is not None and dropout_inactive(self.activation_dropout):
             def work(bounds):
                 for e, lo, hi in bounds:
+                    lo, hi = lo - first_row, hi - first_row
                     w1, b1, w2, b2 = entries[e].rows
                     h = torch.addmm(b1, x[lo:hi], w1.t(), out=hidden[lo:hi])
                     h = h.clamp_(min=0) if activation == "relu" else F.gelu(h)
                     torch.addmm(b2, h, w2.t(), out=y[lo:hi])
 
-            for_expert_groups(x.device, counts, work)
+            for_expert_groups(x.device, counts, work, only=entries.keys())
             return
 
         def linear(inputs, outputs, weight, bias):
             def work(bounds):
                 for e, lo, hi in bounds:
+                    lo, hi = lo - first_row, hi - first_row
                     rows = entries[e].rows
                     torch.addmm(rows[bias], inputs[lo:hi], rows[weight].t(), out=outputs[lo:hi])
             return work
 
-        for_expert_groups(x.device, counts, linear(x, hidden, 0, 1))
+        for_expert_groups(x.device, counts, linear(x, hidden, 0, 1), only=entries.keys())
         hidden = self.activation_dropout(self.activation_fn(hidden))
-        for_expert_groups(x.device, counts, linear(hidden, y, 2, 3))
+        for_expert_groups(x.device, counts, linear(hidden, y, 2, 3), only=entries.keys())
 
 
 def plan_prefetch(moe_layers, plans: dict) -> dict:
