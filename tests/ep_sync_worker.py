@@ -58,6 +58,7 @@ def main():
     torch.save({"grads": {k: p.grad for k, p in moe.experts.named_parameters()},
                 "anchor": embed.weight.grad, "bias": embed.bias.grad, "reduces": reduces},
                f"{out}.{rank}.pt")
+    dist.barrier()  # as in ep_worker.py: no rank leaves while another still exchanges
     dist.destroy_process_group()
 
 

@@ -63,6 +63,9 @@ def main():
                 "experts": {k: v.detach() for k, v in moe.experts.state_dict().items()},
                 "first": moe.experts.first_expert, "router": moe.router.state_dict()},
                f"{out}.{rank}.pt")
+    # no rank tears its connections down while another still finishes its last
+    # exchange (gloo then aborts the other: "terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -28,6 +28,7 @@ def main():
         training_step(model, tokens)
     torch.save({"inside": reads.inside, "planned": len(reads.planned), "all": reads.reads},
                f"{out}.{rank}.pt")
+    dist.barrier()  # as in ep_worker.py: no rank leaves while another still exchanges
     dist.destroy_process_group()
 
 
