@@ -14,6 +14,7 @@ from fairseq_hash.errors import HashConfigError
 from fairseq_hash.hashing import build_hash_function
 from fairseq_hash.offload import (ExpertCache, ExpertSource, OffloadedExperts,
                                   parse_cache_size)
+from fairseq_hash.offload.mapped import backing_file, file_mappings, populate
 from fairseq_hash.table_file import save_table_file
 
 ARCH = ["--task", "language_modeling", "--arch", "hash_transformer_lm", "--decoder-layers", "3",
@@ -147,13 +148,19 @@ def test_resident_experts_stay_within_the_cache_bound(tmp_path, cache):
     assert c.stats["turns"] > 0  # a layer needed more than the cache holds
 
 
-def test_belady_eviction_keeps_what_the_plan_uses_next():
-    K = 4
+def small_cache(experts, capacity):
+    """A prefetching cache of one layer ``"a"`` of tiny experts held in memory."""
+    K = experts
     tensors = dict(fc1_weight=torch.randn(K, 3, 2), fc1_bias=torch.randn(K, 3),
                    fc2_weight=torch.randn(K, 2, 3), fc2_bias=torch.randn(K, 2))
-    cache = ExpertCache("2", prefetch=True)
+    cache = ExpertCache(capacity, prefetch=True)
     cache.add_source("a", ExpertSource(tensors, "a"))
     cache.set_target(torch.float32, torch.device("cpu"))
+    return cache, tensors
+
+
+def test_belady_eviction_keeps_what_the_plan_uses_next():
+    cache, tensors = small_cache(4, "2")
     for e in (0, 1):
         cache.release(("a", e)) if cache.get(("a", e)) else None
     # the plan uses 1 before 0: loading 2 must evict 0
@@ -163,6 +170,39 @@ def test_belady_eviction_keeps_what_the_plan_uses_next():
     assert key == ("a", 2) and set(cache.entries) == {("a", 1), ("a", 2)}
     cache._fill(key, entry)
     assert torch.equal(cache.get(("a", 2)).rows[0], tensors["fc1_weight"][2])
+
+
+def test_a_loaded_expert_is_served_where_it_is_mapped_and_given_back_when_dropped(tmp_path):
+    """On Linux (MADV_POPULATE_READ) the cache holds the mapped rows themselves, no copy."""
+    data = hashfns_data_dir(str(tmp_path / "data"))
+    path = save_checkpoint(str(tmp_path / "ckpt"), data, "--hash-type", "random")
+    lm = hub(path, data, hash_offload_experts="prefetch", hash_expert_cache="2")
+    cache = cache_of(lm)
+    scores(lm, padded_batch(lm.task.dictionary, [9, 5, 7]))
+    if not populate(next(iter(cache.sources.values())).pieces[0][0][1][0]):
+        pytest.skip("this kernel cannot map pages on request (MADV_POPULATE_READ)")
+    mappings = file_mappings()
+    assert cache.entries and all(backing_file(row, mappings) == path
+                                 for entry in cache.entries.values() for row in entry.rows)
+    given_back = []
+    for source in cache.sources.values():
+        source.forget = lambda expert, rows, s=source: given_back.append((s.name, expert))
+    kept = list(cache.entries)
+    cache.add_source(kept[0][0], cache.sources[kept[0][0]])  # drops that layer's experts
+    assert given_back == [k for k in kept if k[0] == kept[0][0]]
+
+
+def test_the_loader_asks_the_kernel_to_read_planned_experts_in_plan_order_once():
+    cache, _ = small_cache(6, "3")
+    cache.release(("a", 4)) if cache.get(("a", 4)) else None  # loaded: nothing to read
+    cache.planned.extend([("a", 5), ("a", 4), ("a", 0), ("a", 3), ("a", 1)])
+    with cache.cond:
+        # a cache's worth (3 experts) beyond what is loaded, in plan order
+        assert cache._to_read_ahead() == [("a", 5), ("a", 0), ("a", 3)]
+        assert cache._to_read_ahead() == []  # asked once
+        cache.planned.popleft()
+        cache._insert(("a", 5), cache.expert_bytes("a")).ready = True
+        assert cache._to_read_ahead() == [("a", 1)]
 
 
 def test_experts_mapped_from_several_files_load_like_one(tmp_path):

@@ -47,6 +47,7 @@ class ExpertCache:
         self.sources: Dict[str, ExpertSource] = {}
         self.entries: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
         self.planned = collections.deque()  # keys the current forward will use, in order
+        self.advised = set()  # planned keys whose reading the kernel was asked to start
         self.cond = threading.Condition()
         self.target = (torch.float32, torch.device("cpu"))  # dtype and device of loaded experts
         self.loader = None
@@ -58,10 +59,10 @@ class ExpertCache:
 
     def add_source(self, layer: str, source: ExpertSource):
         with self.cond:
-            self.sources[layer] = source
-            self.capacity = None
             for key in [k for k in self.entries if k[0] == layer]:
                 self._drop(key)
+            self.sources[layer] = source
+            self.capacity = None
 
     def expert_bytes(self, layer: str) -> int:
         return self.sources[layer].row_bytes(self.target[0])
@@ -99,6 +100,7 @@ class ExpertCache:
         """The experts of one forward pass, in the order its layers will use them."""
         with self.cond:
             self.planned = collections.deque(keys)
+            self.advised = set()
             if self.loader is None or not self.loader.is_alive():
                 self.loader = threading.Thread(target=_load_ahead, args=(weakref.ref(self),),
                                                name="fairseq-hash-expert-loader", daemon=True)
@@ -108,6 +110,7 @@ class ExpertCache:
     # -- using experts
     def get(self, key: tuple) -> _Entry:
         """Expert ``key`` loaded and pinned; waits for the loader where it will load it."""
+        self.sources[key[0]].check_files()  # a loaded expert may be served where it is mapped
         with self.cond:
             if key in self.planned:
                 while self.planned[0] != key:  # skipped: not needed after all
@@ -194,6 +197,8 @@ class ExpertCache:
     def _drop(self, key):
         entry = self.entries.pop(key)
         self.stats["resident_bytes"] -= entry.nbytes
+        if entry.ready and entry.rows is not None:
+            self.sources[key[0]].forget(key[1], entry.rows)
 
     def _next_to_load(self):
         """The first planned expert not loaded, if room can be made for it."""
@@ -205,6 +210,23 @@ class ExpertCache:
                 return key, self._insert(key, nbytes)
             return None
         return None
+
+    def _to_read_ahead(self) -> List[tuple]:
+        """Planned experts not yet asked for, in plan order, as far as a cache's
+        worth of bytes beyond what is loaded: the kernel reads them while the
+        loader waits for earlier ones and the layers compute."""
+        out, budget = [], self.capacity
+        for key in self.planned:
+            entry = self.entries.get(key)
+            if entry is not None and entry.ready:
+                continue
+            budget -= self.expert_bytes(key[0])
+            if budget < 0:
+                break
+            if key not in self.advised:
+                self.advised.add(key)
+                out.append(key)
+        return out
 
     def _fill(self, key, entry: _Entry):
         """Read ``key`` from its source into ``entry`` (without the lock)."""
@@ -248,14 +270,18 @@ def _load_ahead(cache_ref):
         if cache is None:
             return
         with cache.cond:
+            ahead = cache._to_read_ahead() if cache.target[1].type == "cpu" else []
             job = cache._next_to_load()
-            if job is None:
+            if job is None and not ahead:
                 idle = not cache.cond.wait(timeout=10)
                 if idle and not cache.planned:
                     cache.loader = None
                     return
                 continue
-        cache._fill(*job)
+        for layer, expert in ahead:
+            cache.sources[layer].read_ahead(expert)
+        if job is not None:
+            cache._fill(*job)
         del cache
 
 

@@ -1,18 +1,23 @@
 """Memory mapped from a file, seen from the process: which file a tensor's pages
-come from, giving those pages back, and evicting a file from the page cache.
+come from, asking the kernel to read them ahead or to map them now, giving
+them back, and evicting a file from the page cache.
 
-Linux and macOS (``madvise``); elsewhere a tensor has no known file and no
-page is given back.
+Linux and macOS (``madvise``); elsewhere a tensor has no known file, nothing
+is read ahead and no page is given back. Mapping pages now
+(``MADV_POPULATE_READ``) needs Linux 5.14 or later.
 """
 import ctypes
 import mmap
 import os
+import sys
 from typing import List, Optional, Tuple
 
 import torch
 
 _PAGE = mmap.PAGESIZE
+_MADV_WILLNEED = 3  # Linux and macOS
 _MADV_DONTNEED = 4  # Linux and macOS
+_MADV_POPULATE_READ = 22  # Linux 5.14+
 _LIBC = None
 
 
@@ -58,6 +63,31 @@ def backing_file(tensor: torch.Tensor, mappings=None) -> Optional[str]:
     return file_position(tensor, mappings)[0]
 
 
+def _advise(tensor: torch.Tensor, advice: int) -> bool:
+    """``madvise`` on the pages of ``tensor``'s memory; False where it failed or is missing."""
+    madvise = _madvise()
+    if not madvise or tensor.numel() == 0:
+        return False
+    start = tensor.data_ptr() // _PAGE * _PAGE
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    return madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice) == 0
+
+
+def read_ahead(tensor: torch.Tensor):
+    """Ask the kernel to start reading the file pages of mapped ``tensor`` now,
+    in the background (``MADV_WILLNEED``): one large read instead of a page
+    fault's read at a time when the pages are touched."""
+    _advise(tensor, _MADV_WILLNEED)
+
+
+def populate(tensor: torch.Tensor) -> bool:
+    """Map the pages of file-mapped ``tensor`` into the process now, reading
+    those not in the page cache (``MADV_POPULATE_READ``), so that computing on
+    it takes no page fault. False where the kernel cannot (before Linux 5.14,
+    macOS): the caller copies instead."""
+    return sys.platform.startswith("linux") and _advise(tensor, _MADV_POPULATE_READ)
+
+
 def release_pages(tensor: torch.Tensor):
     """Drop this process's mapped pages of a file-mapped, never-written ``tensor``.
 
@@ -65,12 +95,7 @@ def release_pages(tensor: torch.Tensor):
     set no longer counts them, and a later read maps them again from the file.
     Only for memory mapped from a file: on ordinary memory it would lose data.
     """
-    madvise = _madvise()
-    if not madvise:
-        return
-    start = tensor.data_ptr() // _PAGE * _PAGE
-    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
-    madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+    _advise(tensor, _MADV_DONTNEED)
 
 
 def drop_page_cache(path: str, offset: int = 0, length: int = 0):
