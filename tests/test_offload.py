@@ -192,6 +192,21 @@ def test_a_loaded_expert_is_served_where_it_is_mapped_and_given_back_when_droppe
     assert given_back == [k for k in kept if k[0] == kept[0][0]]
 
 
+def test_the_loader_waits_for_a_computing_turn_rather_than_evict_what_the_plan_reads_again():
+    cache, _ = small_cache(4, "2")
+    cache.get(("a", 0))  # pinned by the turn computing; the plan does not use it again
+    cache.release(("a", 1)) if cache.get(("a", 1)) else None
+    cache.planned.extend([("a", 2), ("a", 1)])
+    cache.computing = True
+    with cache.cond:
+        assert cache._next_to_load() is None  # expert 1 is read again if evicted now
+    cache.computing = False
+    cache.release(("a", 0))
+    with cache.cond:
+        key, _ = cache._next_to_load()
+    assert key == ("a", 2) and set(cache.entries) == {("a", 1), ("a", 2)}
+
+
 def test_the_loader_asks_the_kernel_to_read_planned_experts_in_plan_order_once():
     cache, _ = small_cache(6, "3")
     cache.release(("a", 4)) if cache.get(("a", 4)) else None  # loaded: nothing to read

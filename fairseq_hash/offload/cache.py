@@ -48,6 +48,7 @@ class ExpertCache:
         self.entries: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
         self.planned = collections.deque()  # keys the current forward will use, in order
         self.advised = set()  # planned keys whose reading the kernel was asked to start
+        self.computing = False  # a layer computes a turn: its pinned experts are soon free
         self.cond = threading.Condition()
         self.target = (torch.float32, torch.device("cpu"))  # dtype and device of loaded experts
         self.loader = None
@@ -181,6 +182,13 @@ class ExpertCache:
         free = self.capacity - self.stats["resident_bytes"]
         if free + sum(self.entries[k].nbytes for k in victims) < nbytes:
             return False
+        if before is not None and self.computing:
+            # rather than evict an expert the plan uses again (to read it twice),
+            # wait for the computing turn's experts, which it does not use again
+            unused = free + sum(self.entries[k].nbytes for k in victims if k not in next_use)
+            soon = sum(e.nbytes for k, e in self.entries.items() if e.pins and k not in next_use)
+            if unused < nbytes <= unused + soon:
+                return False
         for key in victims:
             if free >= nbytes:
                 break

@@ -98,8 +98,10 @@ class OffloadedExperts(nn.Module):
                 for key in turn:
                     entries[key[1]] = self.cache.get(key)
                 lo, hi = starts[turn[0][1]], starts[turn[-1][1] + 1]
+                self.cache.computing = True
                 self._compute(x[lo:hi], y[lo:hi], lo, counts, entries)
             finally:
+                self.cache.computing = False
                 for e in entries:
                     self.cache.release((self.key, e))
         return y
