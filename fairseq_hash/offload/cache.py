@@ -44,6 +44,7 @@ class ExpertCache:
         self.capacity_spec = parse_cache_size(capacity)
         self.prefetch = prefetch
         self.capacity = None  # bytes, known once the experts' dtype is (first forward)
+        self._expert_bytes = {}  # layer -> bytes of one of its experts in the target dtype
         self.sources: Dict[str, ExpertSource] = {}
         self.entries: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
         self.planned = collections.deque()  # keys the current forward will use, in order
@@ -63,10 +64,13 @@ class ExpertCache:
             for key in [k for k in self.entries if k[0] == layer]:
                 self._drop(key)
             self.sources[layer] = source
-            self.capacity = None
+            self.capacity, self._expert_bytes = None, {}
 
     def expert_bytes(self, layer: str) -> int:
-        return self.sources[layer].row_bytes(self.target[0])
+        nbytes = self._expert_bytes.get(layer)
+        if nbytes is None:  # asked for every planned expert on every load
+            nbytes = self._expert_bytes[layer] = self.sources[layer].row_bytes(self.target[0])
+        return nbytes
 
     def set_target(self, dtype: torch.dtype, device: torch.device):
         """The model's dtype and device (they change with ``.half()``, ``.cuda()``)."""
@@ -75,7 +79,7 @@ class ExpertCache:
                 self.target = (dtype, device)
                 for key in [k for k, e in self.entries.items() if e.pins == 0 and e.ready]:
                     self._drop(key)
-                self.capacity = None
+                self.capacity, self._expert_bytes = None, {}
             if self.capacity is None:
                 self.capacity = self._resolve_capacity()
             if device.type == "cuda" and self.stream is None:

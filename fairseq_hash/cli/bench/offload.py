@@ -2,6 +2,7 @@
 
     python -m fairseq_hash.cli.bench.offload                       # the table and the plot
     python -m fairseq_hash.cli.bench.offload --experts 16 --embed-dim 128 --quick
+    python -m fairseq_hash.cli.bench.offload --threads 1 --repeat 3 --json X.json --plot X.png
 
 Builds a hash LM whose experts are large against the machine (default 2 hash
 layers of 64 experts, d=512, f=2048: 1 GB of experts in fp32) and a Switch LM
@@ -19,12 +20,15 @@ as when the expert file does not fit in memory. It prints the process's peak
 resident memory while serving (reset after loading: fairseq reads the whole
 checkpoint once to load it), the cache's peak and the bytes read from the
 expert file; then tokens/s against the cache size, and plots it (``--plot``).
+Every row also gives the machine's load average (1 minute) before and after
+it: on a shared machine the speeds mean little without it.
 """
 import argparse
 import json
 import logging
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -179,6 +183,20 @@ def child(opts):
 
 
 def measure(opts, checkpoint, data, task, offload, cache, cold):
+    """One row's numbers: the median speed of ``--repeat`` fresh processes."""
+    runs = []
+    for _ in range(opts.repeat):
+        before = os.getloadavg()[0]
+        runs.append(measure_once(opts, checkpoint, data, task, offload, cache, cold))
+        runs[-1]["load"] = [before, os.getloadavg()[0]]
+    speed = "tokens_per_s" if task == "eval" else "sentences_per_s"
+    median = statistics.median_low([r[speed] for r in runs])
+    out = dict(next(r for r in runs if r[speed] == median))
+    out.update(runs=runs, load=[min(r["load"][0] for r in runs), max(r["load"][1] for r in runs)])
+    return out
+
+
+def measure_once(opts, checkpoint, data, task, offload, cache, cold):
     cmd = [sys.executable, "-m", "fairseq_hash.cli.bench.offload", "--child", task,
            "--checkpoint", checkpoint, "--data", data, "--offload", offload, "--cache", str(cache),
            "--sentences", str(opts.sentences)] + (["--cold"] if cold else [])
@@ -213,6 +231,10 @@ def main(argv=None):
                         help="torch threads of every run (OMP_NUM_THREADS; default "
                         f"{torch.get_num_threads()}); on a loaded machine 1 keeps the rows "
                         "comparable: a product on 2 threads waits for the slower one")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="fresh processes a row; the table gives the median speed (default 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the table only: no beam-5 generation, no cache sweep")
     parser.add_argument("--workdir", help="folder for data and checkpoints (default: a temporary one)")
     parser.add_argument("--json", metavar="FILE", help="also write every row to FILE")
     parser.add_argument("--plot", metavar="PNG", help="plot eval tokens/s against the cache size")
@@ -225,6 +247,8 @@ def main(argv=None):
     if opts.child:
         opts.task = opts.child
         return child(opts)
+    if opts.quick:
+        opts.sweep = []
 
     work = opts.workdir or tempfile.mkdtemp(prefix="bench_offload_")
     data = os.path.join(work, "data-bin")
@@ -239,35 +263,46 @@ def main(argv=None):
     expert_mb = (2 * opts.embed_dim * opts.ffn_dim + opts.embed_dim + opts.ffn_dim) * 4 / 2**20
     print(f"{opts.hash_layers} hash layers x {opts.experts} experts of {expert_mb:.1f} MB "
           f"({opts.hash_layers * opts.experts * expert_mb:.0f} MB of experts); "
-          f"cache {opts.cache} experts; {opts.threads} threads", flush=True)
+          f"cache {opts.cache} experts; {opts.threads} threads; {opts.repeat} run(s) a row",
+          flush=True)
+    started = time.perf_counter()
     rows = []
     print("| model | page cache | eval tokens/s | beam-5 sentences/s | peak RSS MB | "
-          "cache peak MB | expert MB read (eval) | disk MB read (eval) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
+          "cache peak MB | expert MB read (eval) | disk MB read (eval) | load avg |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     for cold in (False, True):
         for name, router, offload in ROWS:
             ev = measure(opts, checkpoints[router], data, "eval", offload, opts.cache, cold)
-            gen = measure(opts, checkpoints[router], data, "generate", offload, opts.cache, cold)
+            gen = (None if opts.quick else
+                   measure(opts, checkpoints[router], data, "generate", offload, opts.cache, cold))
             row = dict(model=name, cold=cold, cache=opts.cache, eval=ev, generate=gen)
             rows.append(row)
+            both = [ev] + ([gen] if gen else [])
+            load = [min(r["load"][0] for r in both), max(r["load"][1] for r in both)]
             print(f"| {name} | {'cold' if cold else 'warm'} | {ev['tokens_per_s']:.0f} | "
-                  f"{gen['sentences_per_s']:.2f} | {max(ev['peak_rss_mb'], gen['peak_rss_mb']):.0f} | "
-                  f"{max(ev['cache_peak_mb'], gen['cache_peak_mb']):.0f} | "
-                  f"{ev['expert_read_mb']:.0f} | {ev['disk_read_mb']:.0f} |", flush=True)
+                  f"{gen['sentences_per_s'] if gen else float('nan'):.2f} | "
+                  f"{max(r['peak_rss_mb'] for r in both):.0f} | "
+                  f"{max(r['cache_peak_mb'] for r in both):.0f} | "
+                  f"{ev['expert_read_mb']:.0f} | {ev['disk_read_mb']:.0f} | "
+                  f"{load[0]:.1f}-{load[1]:.1f} |", flush=True)
     sweep = []
     if opts.sweep:
-        print("\n| cache (experts) | on demand tokens/s | exact prefetch tokens/s | cache peak MB |")
-        print("|---:|---:|---:|---:|", flush=True)
+        print("\n| cache (experts) | on demand tokens/s | exact prefetch tokens/s | cache peak MB | "
+              "load avg |")
+        print("|---:|---:|---:|---:|---:|", flush=True)
         for cache in opts.sweep:
             got = {mode: measure(opts, checkpoints["hash"], data, "eval", mode, cache, True)
                    for mode in ("demand", "prefetch")}
             sweep.append(dict(cache=cache, **got))
             print(f"| {cache} | {got['demand']['tokens_per_s']:.0f} | "
                   f"{got['prefetch']['tokens_per_s']:.0f} | "
-                  f"{got['prefetch']['cache_peak_mb']:.0f} |", flush=True)
+                  f"{got['prefetch']['cache_peak_mb']:.0f} | "
+                  f"{got['demand']['load'][0]:.1f}-{got['prefetch']['load'][1]:.1f} |", flush=True)
+    print(f"\n{time.perf_counter() - started:.0f} s", flush=True)
     if opts.json:
         with open(opts.json, "w") as f:
-            json.dump(dict(rows=rows, sweep=sweep), f, indent=1)
+            json.dump(dict(threads=opts.threads, repeat=opts.repeat, rows=rows, sweep=sweep), f,
+                      indent=1)
     if opts.plot and sweep:
         plot(sweep, rows, opts.plot)
 
