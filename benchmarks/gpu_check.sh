@@ -81,8 +81,12 @@ grouped = run()
 grouped_mm.usable, real = (lambda x, w: False), grouped_mm.usable
 loop = run()
 grouped_mm.usable = real
-for a, b in zip(grouped, loop):
-    torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+# bf16 rounds each product's output: compare each tensor's relative error as a whole
+for name, a, b in zip(["y", "x.grad", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"],
+                      grouped, loop):
+    err = float((a - b).norm() / b.norm().clamp(min=1e-12))
+    print(f"{name}: relative error {err:.2e}")
+    assert err < 1e-2, name
 assert ffn.fc1_weight.grad is not None
 print("grouped (fused:", fused, ") equals the loop; idle expert grad max",
       float(grouped[2][1].abs().max()))
@@ -130,14 +134,19 @@ torch.cuda.set_sync_debug_mode("warn")
 step()
 torch.cuda.set_sync_debug_mode(0)
 planned = [s for s in seen if any(f.name == "plan_hash_dispatch" for f in s)]
-inside = [f"{s[-1].filename}:{s[-1].lineno}" for s in seen if s not in planned
+def innermost(stack):  # the innermost frame outside torch and the warnings module
+    frames = [f for f in stack if os.sep + "torch" + os.sep not in f.filename
+              and not f.filename.endswith("warnings.py")]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+inside = [innermost(s) for s in seen if s not in planned
           and any(PACKAGE in f.filename and GLUE not in f.filename for f in s)]
-outside = [f"{s[-1].filename}:{s[-1].lineno}" for s in seen
-           if s not in planned and f"{s[-1].filename}:{s[-1].lineno}" not in inside]
-print("syncs of the dispatch plan (one a forward pass expected):", len(planned))
+outside = [innermost(s) for s in seen if s not in planned and innermost(s) not in inside]
+print("syncs of the dispatch plan (one a forward pass expected):", len(planned),
+      [innermost(s) for s in planned])
 print("syncs inside hash layers:", inside)
 print("syncs elsewhere in the step (fairseq's own):", outside)
 assert not inside, "a hash layer synchronised with the host"
+assert len(planned) == 1, "the dispatch plan waited more than once"
 PYEOF
 
 step 6-layer-bench-bf16 90 "$BIN/fairseq-hash-bench" --device cuda --dtype bfloat16 \
