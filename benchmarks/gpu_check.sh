@@ -135,7 +135,7 @@ step()
 torch.cuda.set_sync_debug_mode(0)
 planned = [s for s in seen if any(f.name == "plan_hash_dispatch" for f in s)]
 def innermost(stack):  # the innermost frame outside torch and the warnings module
-    frames = [f for f in stack if os.sep + "torch" + os.sep not in f.filename
+    frames = [f for f in stack if os.path.join("site-packages", "torch", "") not in f.filename
               and not f.filename.endswith("warnings.py")]
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
 inside = [innermost(s) for s in seen if s not in planned
