@@ -1,6 +1,6 @@
 """Learned combination scores for top-k hash routing (``--hash-score``).
 
-    gate = HashScoreGate(embed_dim=512, num_experts=16, score="softmax", scale=1.0)
+    gate = HashScoreGate(embed_dim=512, total_experts=16, score="softmax", scale=1.0)
     weights = gate(x, indices)   # x: [S, d], indices: [S, k] hashed experts -> [S, k]
 
 The hash still chooses the experts; the gate only weighs their outputs, as in
@@ -32,18 +32,18 @@ class HashScoreGate(nn.Module):
 
     Args:
         embed_dim (int): d
-        num_experts (int): K
+        total_experts (int): K
         score (str): one of ``SCORES`` other than ``none``
         scale (float): multiplies every weight
     """
 
-    def __init__(self, embed_dim: int, num_experts: int, score: str, scale: float = 1.0):
+    def __init__(self, embed_dim: int, total_experts: int, score: str, scale: float = 1.0):
         super().__init__()
         if score not in SCORES[1:]:
             raise ValueError(f"score {score!r}: a gate needs one of {', '.join(SCORES[1:])}")
         self.score = score
         self.scale = scale
-        self.weight = nn.Parameter(torch.zeros(num_experts, embed_dim))  # [K, d]
+        self.weight = nn.Parameter(torch.zeros(total_experts, embed_dim))  # [K, d]
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(indices, self.weight)  # [S, k, d]: the k hashed experts' rows only
