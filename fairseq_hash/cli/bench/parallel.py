@@ -43,6 +43,7 @@ import torch
 
 from ...errors import HashConfigError
 from ..user_dir import user_dir
+from .options import prepared_data
 
 SELF = [sys.executable, "-m", "fairseq_hash.cli.bench.parallel"]  # a worker rank
 
@@ -202,11 +203,7 @@ def fairseq_words_per_second(args, arch_flags, port):
 
 
 def run_train(args):
-    if not args.data_bin:
-        from ..data.prepare import prepare
-
-        os.makedirs(args.work_dir, exist_ok=True)
-        args.data_bin = prepare(os.path.join(args.work_dir, "data"))
+    args.data_bin = prepared_data(args)
     hash_flags = ["--arch", "hash_transformer_lm", "--hash-layer", "-1",
                   "--hash-experts", str(args.experts)]
     rows = [{"model": "dense, data-parallel", "wps": fairseq_words_per_second(
