@@ -30,6 +30,7 @@ from fairscale.nn.moe.top2gate import Top2Gate, top2gating
 
 from .errors import HashConfigError
 from .hashing import HASH_REGISTRY, HashFunction, RouteInputs
+from .route import expert_counts
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def load_balancing_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor
     pick one expert.
     """
     total_experts = probs.size(1)
-    share = torch.bincount(top1, minlength=total_experts).to(probs.dtype) / top1.numel()
+    share = expert_counts(top1, total_experts).to(probs.dtype) / top1.numel()
     return total_experts * torch.sum(share * probs.mean(dim=0))
 
 
@@ -171,7 +172,7 @@ def over_capacity(experts: torch.Tensor, total_experts: int, capacity: int) -> t
     (the rank of each token within its expert), not a one-hot cumulative sum.
     """
     order = torch.argsort(experts, stable=True)
-    counts = torch.bincount(experts, minlength=total_experts)
+    counts = expert_counts(experts, total_experts)
     starts = counts.cumsum(0) - counts
     rank = torch.empty_like(experts)
     rank[order] = torch.arange(experts.numel(), device=experts.device) - starts[experts[order]]
