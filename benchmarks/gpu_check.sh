@@ -3,9 +3,10 @@
 #
 #     PYTHON=/path/to/python bash benchmarks/gpu_check.sh [OUT_DIR]
 #
-# Needs a Python environment with a CUDA build of torch (2.13, as pinned), fairseq-fixed,
-# fairscale and this package installed (pip install -e .); run/setup.sh installs the CPU
-# build of torch, so on a GPU machine install torch's CUDA wheel in its place first.
+# Needs a Python environment with a CUDA build of torch, fairseq-fixed, fairscale and this
+# package: run/setup.sh installs torch's CPU build, so on a GPU machine install torch's
+# CUDA wheel in its place first, or, on a machine without a network that has torch
+# already, use benchmarks/gpu_env/ (pack.sh here, install_offline.sh there).
 # Every step has its own time limit; the whole script stays under 10 minutes on one
 # GPU. It never stops at a failed step: it prints PASS/FAIL/SKIP for each at the end,
 # and writes logs and JSON to OUT_DIR ($OUT, else ./gpu-check).
@@ -26,7 +27,7 @@
 #      device: the step then says so and is SKIP, not FAIL)
 #
 # GPU_CHECK_STEPS="1 3" runs only the steps named (by number); the others print "not run".
-# This script has not run yet: no GPU was lent while it was written (BENCHMARKS.md).
+# Ran on one H200 with torch 2.11.0+cu130 (BENCHMARKS.md#gpu has what each step gave).
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -11,8 +11,9 @@ synchronised): all resident; offloaded on demand; offloaded with exact
 prefetch, with a cache of half the experts and of all of them. Offloaded
 experts sit in pinned host memory and are copied on the loader's side stream
 (``fairseq_hash/offload/cuda.py``). Prints a table: tokens/s, the peak of
-device memory while scoring, the cache's peak, and the bytes copied to the device.
-Run by ``benchmarks/gpu_check.sh``; needs a CUDA device.
+device memory while scoring, the cache's peak, and the experts' bytes loaded
+(counted as stored in the checkpoint, fp32; each copy to the device carries the
+model's dtype). Run by ``benchmarks/gpu_check.sh``; needs a CUDA device.
 """
 import argparse
 import gc
@@ -70,7 +71,8 @@ def main(argv=None):
     results = []
     print(f"{opts.dtype}, 2 hash layers x {k} experts, d={opts.embed_dim}, f={opts.ffn_dim}, "
           f"batches of {opts.batch}x256 tokens, {torch.cuda.get_device_name() if cuda else 'cpu'}")
-    print("| model | tokens/s | device peak MB | cache peak MB | MB copied to the device (warm-up included) |")
+    print("| model | tokens/s | device peak MB | cache peak MB | "
+          "expert MB loaded (as stored; warm-up included) |")
     print("|---|---:|---:|---:|---:|", flush=True)
     for name, overrides in rows:
         lm = TransformerLanguageModel.from_pretrained(work, "hash.pt", data, **overrides).eval()
