@@ -270,8 +270,9 @@ def install_checkpoint_loading():
     size is forgotten (:func:`_forget_saved_layout`): fairseq's tools rebuild a
     model from the checkpoint's flags, and a P of the writing run may be
     impossible for the reading one. With ``hash_offload_experts`` among the
-    overrides, the experts of the state, shards resolved, are then mapped from
-    the file (:func:`offload.loading.map_if_asked`), and a file torch cannot
+    overrides, fairseq's read maps the file (:func:`offload.loading.mapped_read`),
+    and the experts of the state, shards resolved, stay mapped from their files
+    (:func:`offload.loading.map_if_asked`), and a file torch cannot
     read is refused in one line (:func:`offload.loading.read_errors`).
     """
     if getattr(checkpoint_utils.load_checkpoint, "_fairseq_hash", False):
@@ -281,7 +282,9 @@ def install_checkpoint_loading():
     @functools.wraps(to_cpu)
     def load_checkpoint_to_cpu(path, arg_overrides=None, *args, **kwargs):
         with offload_loading.read_errors(path, arg_overrides):
-            state = _contiguous(to_cpu(path, arg_overrides, *args, **kwargs))
+            with offload_loading.mapped_read(arg_overrides):
+                state = to_cpu(path, arg_overrides, *args, **kwargs)
+            state = _contiguous(state)
             _forget_saved_layout(state, arg_overrides)
             state = expert_shards.resolve_shards(state, path)
         return offload_loading.map_if_asked(state, path, arg_overrides)

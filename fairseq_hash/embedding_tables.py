@@ -1,6 +1,6 @@
 """Clustered and dispersed tables: k-means over a trained model's token embeddings.
 
-    table = embedding_table("dispersed", embeddings, counts, num_experts=16,
+    table = embedding_table("dispersed", embeddings, counts, total_experts=16,
                             num_hashes=1, seed=1)          # [V, d], [V] -> [V, 1]
 
 ``clustered`` sends k-means cluster c to expert c mod K, so similar tokens
@@ -51,7 +51,7 @@ def kmeans(points: torch.Tensor, num_clusters: int, seed: int, iterations: int =
     return assign
 
 
-def disperse(clusters: torch.Tensor, counts: torch.Tensor, num_experts: int,
+def disperse(clusters: torch.Tensor, counts: torch.Tensor, total_experts: int,
              slots: int = 1) -> torch.Tensor:
     """Spread each cluster's members over different experts: table ``[V]``.
 
@@ -63,12 +63,12 @@ def disperse(clusters: torch.Tensor, counts: torch.Tensor, num_experts: int,
     experts in that order, all distinct: ``[V, slots]``.
     """
     table = torch.zeros(len(clusters), slots, dtype=torch.long)
-    load = [0.0] * num_experts
+    load = [0.0] * total_experts
     order = sorted(range(len(clusters)), key=lambda i: (-float(counts[i]), i))
     held = {}  # cluster -> members it has on each expert
     for token in order:
-        mine = held.setdefault(int(clusters[token]), [0] * num_experts)
-        chosen = sorted(range(num_experts), key=lambda e: (mine[e], load[e], e))[:slots]
+        mine = held.setdefault(int(clusters[token]), [0] * total_experts)
+        chosen = sorted(range(total_experts), key=lambda e: (mine[e], load[e], e))[:slots]
         table[token] = torch.tensor(chosen)
         for expert in chosen:
             mine[expert] += 1
@@ -76,7 +76,7 @@ def disperse(clusters: torch.Tensor, counts: torch.Tensor, num_experts: int,
     return table[:, 0] if slots == 1 else table
 
 
-def nearest_clusters(points: torch.Tensor, clusters: torch.Tensor, num_experts: int,
+def nearest_clusters(points: torch.Tensor, clusters: torch.Tensor, total_experts: int,
                      slots: int) -> torch.Tensor:
     """``[V, slots]`` distinct experts: each point's own cluster, then the nearest others.
 
@@ -91,7 +91,7 @@ def nearest_clusters(points: torch.Tensor, clusters: torch.Tensor, num_experts: 
     dist.scatter_(1, clusters.unsqueeze(1), -1.0)  # its own cluster first
     table = torch.zeros(points.size(0), slots, dtype=torch.long)
     for token, ranked in enumerate(dist.argsort(dim=1).tolist()):
-        experts = list(dict.fromkeys(c % num_experts for c in ranked))
+        experts = list(dict.fromkeys(c % total_experts for c in ranked))
         if len(experts) < slots:
             raise HashConfigError(f"--topk {slots} needs at least {slots} clusters "
                                   f"(--clusters) on different experts")
@@ -99,7 +99,7 @@ def nearest_clusters(points: torch.Tensor, clusters: torch.Tensor, num_experts: 
     return table
 
 
-def embedding_table(kind, embeddings, counts, num_experts, num_hashes, seed, num_clusters=None,
+def embedding_table(kind, embeddings, counts, total_experts, num_hashes, seed, num_clusters=None,
                     topk=1):
     """``embeddings [V, d]``, ``counts [V]`` -> ``kind``'s table ``[V, num_hashes]``.
 
@@ -110,13 +110,13 @@ def embedding_table(kind, embeddings, counts, num_experts, num_hashes, seed, num
     if kind not in ("clustered", "dispersed"):
         raise ValueError(f"embedding tables are clustered or dispersed, not {kind!r}")
     if topk > 1:
-        clusters = kmeans(embeddings, num_clusters or num_experts, seed)
+        clusters = kmeans(embeddings, num_clusters or total_experts, seed)
         if kind == "clustered":
-            return nearest_clusters(embeddings, clusters, num_experts, topk)
-        return disperse(clusters, counts, num_experts, slots=topk)
+            return nearest_clusters(embeddings, clusters, total_experts, topk)
+        return disperse(clusters, counts, total_experts, slots=topk)
     columns = []
     for m in range(num_hashes):
-        clusters = kmeans(embeddings, num_clusters or num_experts, seed + m)
-        columns.append(clusters % num_experts if kind == "clustered"
-                       else disperse(clusters, counts, num_experts))
+        clusters = kmeans(embeddings, num_clusters or total_experts, seed + m)
+        columns.append(clusters % total_experts if kind == "clustered"
+                       else disperse(clusters, counts, total_experts))
     return torch.stack(columns, dim=1)

@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from fairscale.nn.moe import MOELayer
 
+from .route import expert_counts
+
 
 class DecidedGate(nn.Module):
     """fairscale's gate contract, ``x -> (l_aux, combine [S,E,C], dispatch [S,E,C])``,
@@ -36,7 +38,7 @@ class DecidedGate(nn.Module):
     def forward(self, x):
         indices, (S, k), E = self.indices, self.indices.shape, self.total_bins
         flat = indices.reshape(-1)  # [S*k]; dropped slots carry E
-        counts = torch.bincount(flat, minlength=E + 1)[:E]
+        counts = expert_counts(flat, E + 1)[:E]  # no wait for the device (route.py)
         capacity = self.capacity
         if capacity is None:
             capacity = counts.max().clone()

@@ -7,9 +7,9 @@ kept as a table in the model's state dict, so evaluation, generation and
 fine-tuning route every token exactly as training did.
 
     fn = build_hash_function("balanced")
-    table = fn.build_table(dictionary, num_experts=16, num_hashes=1, seed=1)  # [R, N]
-    experts = fn.route(table, RouteInputs.from_tokens(tokens, pad, eos))      # [B, T, N]
-    table = fn.build_topk_table(dictionary, num_experts=16, k=2, seed=1)     # [R, k]
+    table = fn.build_table(dictionary, total_experts=16, num_hashes=1, seed=1)  # [R, N]
+    experts = fn.route(table, RouteInputs.from_tokens(tokens, pad, eos))        # [B, T, N]
+    table = fn.build_topk_table(dictionary, total_experts=16, k=2, seed=1)       # [R, k]
 
 A hash function is one small class, registered by name with
 :func:`register_hash`. It builds a table of expert ids once (``[R, N]``: R rows,
@@ -68,13 +68,13 @@ def register_hash(name: str):
     return wrap
 
 
-def build_hash_function(name: str, num_experts: int = 0) -> "HashFunction":
-    """An instance of the hash type ``name``; bigram needs ``num_experts`` to route."""
+def build_hash_function(name: str, total_experts: int = 0) -> "HashFunction":
+    """An instance of the hash type ``name``; bigram needs ``total_experts`` to route."""
     if name not in HASH_REGISTRY:
         raise HashConfigError(
             f"--hash-type {name!r} is unknown; valid: {', '.join(sorted(HASH_REGISTRY))}"
         )
-    return HASH_REGISTRY[name](num_experts)
+    return HASH_REGISTRY[name](total_experts)
 
 
 @dataclass
@@ -128,14 +128,14 @@ class HashFunction:
     columns_per_hash = 1  # table columns of one hash
     token_rows = True  # one row per dictionary symbol (else any number, e.g. positions)
 
-    def __init__(self, num_experts: int = 0):
-        self.num_experts = num_experts
+    def __init__(self, total_experts: int = 0):
+        self.total_experts = total_experts
 
-    def build_table(self, dictionary, num_experts: int, num_hashes: int, seed: int):
-        """Return a LongTensor ``[R, num_hashes]`` of expert ids in [0, num_experts)."""
+    def build_table(self, dictionary, total_experts: int, num_hashes: int, seed: int):
+        """Return a LongTensor ``[R, num_hashes]`` of expert ids in [0, total_experts)."""
         raise NotImplementedError
 
-    def build_topk_table(self, dictionary, num_experts: int, k: int, seed: int):
+    def build_topk_table(self, dictionary, total_experts: int, k: int, seed: int):
         """Return ``[R, k]`` (``[R, 2k]`` for bigram): k distinct experts per route."""
         raise NotImplementedError
 
@@ -162,20 +162,20 @@ def token_counts(dictionary) -> torch.Tensor:
 class RandomHash(HashFunction):
     """A seeded uniform random table token id -> expert (one column per hash)."""
 
-    def build_table(self, dictionary, num_experts, num_hashes, seed):
-        self.num_experts = num_experts
+    def build_table(self, dictionary, total_experts, num_hashes, seed):
+        self.total_experts = total_experts
         gen = torch.Generator().manual_seed(seed)
-        return torch.randint(num_experts, (len(dictionary), num_hashes), generator=gen)
+        return torch.randint(total_experts, (len(dictionary), num_hashes), generator=gen)
 
-    def build_topk_table(self, dictionary, num_experts, k, seed):
-        self.num_experts = num_experts
+    def build_topk_table(self, dictionary, total_experts, k, seed):
+        self.total_experts = total_experts
         gen = torch.Generator().manual_seed(seed)
         # the first k of a uniform random permutation per row: k distinct draws
-        keys = torch.rand(len(dictionary), num_experts, generator=gen, dtype=torch.float64)
+        keys = torch.rand(len(dictionary), total_experts, generator=gen, dtype=torch.float64)
         return keys.argsort(dim=1)[:, :k]
 
 
-def greedy_balance(counts: torch.Tensor, num_experts: int, slots: int = 1) -> torch.Tensor:
+def greedy_balance(counts: torch.Tensor, total_experts: int, slots: int = 1) -> torch.Tensor:
     """Most frequent token first, each into the ``slots`` currently lightest experts.
 
     Returns ``[V]`` for one slot, else ``[V, slots]`` (lightest expert first).
@@ -186,7 +186,7 @@ def greedy_balance(counts: torch.Tensor, num_experts: int, slots: int = 1) -> to
     share plus one token's count, for any number of slots.
     """
     order = sorted(range(len(counts)), key=lambda i: (-float(counts[i]), i))
-    heap = [(0.0, e) for e in range(num_experts)]
+    heap = [(0.0, e) for e in range(total_experts)]
     table = torch.zeros(len(counts), slots, dtype=torch.long)
     for token in order:
         lightest = [heapq.heappop(heap) for _ in range(slots)]
@@ -205,22 +205,22 @@ class BalancedHash(HashFunction):
     tokens) are broken differently by each hash while every table stays balanced.
     """
 
-    def build_table(self, dictionary, num_experts, num_hashes, seed):
-        self.num_experts = num_experts
+    def build_table(self, dictionary, total_experts, num_hashes, seed):
+        self.total_experts = total_experts
         counts = token_counts(dictionary)
-        columns = [greedy_balance(counts, num_experts)]
+        columns = [greedy_balance(counts, total_experts)]
         for m in range(1, num_hashes):
             gen = torch.Generator().manual_seed(seed + m)
             perm = torch.randperm(len(counts), generator=gen)
             # a stable sort by count within the permuted order breaks ties anew
             column = torch.empty(len(counts), dtype=torch.long)
-            column[perm] = greedy_balance(counts[perm], num_experts)
+            column[perm] = greedy_balance(counts[perm], total_experts)
             columns.append(column)
         return torch.stack(columns, dim=1)
 
-    def build_topk_table(self, dictionary, num_experts, k, seed):
-        self.num_experts = num_experts
-        return greedy_balance(token_counts(dictionary), num_experts, slots=k).view(-1, k)
+    def build_topk_table(self, dictionary, total_experts, k, seed):
+        self.total_experts = total_experts
+        return greedy_balance(token_counts(dictionary), total_experts, slots=k).view(-1, k)
 
 
 class _ContextTokenHash(BalancedHash):
@@ -276,24 +276,24 @@ class BigramHash(BalancedHash):
 
     columns_per_hash = 2
 
-    def build_table(self, dictionary, num_experts, num_hashes, seed):
-        current = super().build_table(dictionary, num_experts, num_hashes, seed)
+    def build_table(self, dictionary, total_experts, num_hashes, seed):
+        current = super().build_table(dictionary, total_experts, num_hashes, seed)
         gen = torch.Generator().manual_seed(seed)
-        offset = torch.randint(num_experts, (len(dictionary), num_hashes), generator=gen)
+        offset = torch.randint(total_experts, (len(dictionary), num_hashes), generator=gen)
         return torch.cat([current, offset], dim=1)
 
-    def build_topk_table(self, dictionary, num_experts, k, seed):
+    def build_topk_table(self, dictionary, total_experts, k, seed):
         # one offset shifts all k slots alike, so they stay distinct: [V, 2k]
-        current = super().build_topk_table(dictionary, num_experts, k, seed)
+        current = super().build_topk_table(dictionary, total_experts, k, seed)
         gen = torch.Generator().manual_seed(seed)
-        offset = torch.randint(num_experts, (len(dictionary), 1), generator=gen)
+        offset = torch.randint(total_experts, (len(dictionary), 1), generator=gen)
         return torch.cat([current, offset.expand(-1, k)], dim=1)
 
     def route(self, table, inputs):
-        if self.num_experts < 1:
-            raise ValueError("a bigram hash routes modulo K: build it with num_experts")
+        if self.total_experts < 1:
+            raise ValueError("a bigram hash routes modulo K: build it with total_experts")
         n = table.size(1) // 2
-        experts = (table[inputs.tokens, :n] + table[inputs.prev_tokens, n:]) % self.num_experts
+        experts = (table[inputs.tokens, :n] + table[inputs.prev_tokens, n:]) % self.total_experts
         return experts.masked_fill(inputs.pad.unsqueeze(-1), 0)
 
 
@@ -308,20 +308,20 @@ class PositionHash(HashFunction):
 
     token_rows = False
 
-    def build_table(self, dictionary, num_experts, num_hashes, seed):
-        self.num_experts = num_experts
+    def build_table(self, dictionary, total_experts, num_hashes, seed):
+        self.total_experts = total_experts
         gen = torch.Generator().manual_seed(seed)
-        columns = [torch.arange(num_experts)]
+        columns = [torch.arange(total_experts)]
         for _ in range(1, num_hashes):
-            columns.append(torch.randperm(num_experts, generator=gen))
+            columns.append(torch.randperm(total_experts, generator=gen))
         return torch.stack(columns, dim=1)
 
-    def build_topk_table(self, dictionary, num_experts, k, seed):
+    def build_topk_table(self, dictionary, total_experts, k, seed):
         # slot j of position t: t + j * (K // k), k evenly spaced experts; each
         # column is a cyclic shift, so every expert serves k of the K rows
-        self.num_experts = num_experts
-        t = torch.arange(num_experts).unsqueeze(1)
-        return (t + torch.arange(k) * (num_experts // k)) % num_experts
+        self.total_experts = total_experts
+        t = torch.arange(total_experts).unsqueeze(1)
+        return (t + torch.arange(k) * (total_experts // k)) % total_experts
 
     def route(self, table, inputs):
         experts = table[inputs.positions % table.size(0)]
@@ -336,16 +336,16 @@ class _EmbeddingHash(HashFunction):
     k-means from seed + m.
     """
 
-    def build_table(self, dictionary, num_experts, num_hashes, seed):
+    def build_table(self, dictionary, total_experts, num_hashes, seed):
         raise HashConfigError(
             f"--hash-type {self.name} is computed from a trained model's embeddings: build "
             f"a table with `fairseq-hash-table {self.name} --checkpoint CKPT --experts "
-            f"{num_experts} --output FILE` and train with --hash-file FILE"
+            f"{total_experts} --output FILE` and train with --hash-file FILE"
         )
 
     build_topk_table = build_table
 
-    def table_from_embeddings(self, embeddings, counts, num_experts, num_hashes, seed,
+    def table_from_embeddings(self, embeddings, counts, total_experts, num_hashes, seed,
                               num_clusters=None, topk=1):
         """``embeddings [V, d]``, ``counts [V]`` -> table ``[V, num_hashes]`` (or ``[V, topk]``).
 
@@ -353,8 +353,8 @@ class _EmbeddingHash(HashFunction):
         """
         from .embedding_tables import embedding_table
 
-        self.num_experts = num_experts
-        return embedding_table(self.name, embeddings, counts, num_experts, num_hashes, seed,
+        self.total_experts = total_experts
+        return embedding_table(self.name, embeddings, counts, total_experts, num_hashes, seed,
                                num_clusters, topk)
 
 
@@ -368,11 +368,11 @@ class DispersedHash(_EmbeddingHash):
     """The clustered hash's clusters, each spread over as many experts as it can be."""
 
 
-def expected_load(table: torch.Tensor, counts: torch.Tensor, num_experts: int):
+def expected_load(table: torch.Tensor, counts: torch.Tensor, total_experts: int):
     """Expected share of tokens per expert ``[N, K]`` under a token table ``[V, N]``."""
     shares = []
     for column in table.t():
-        load = torch.zeros(num_experts, dtype=torch.float64)
+        load = torch.zeros(total_experts, dtype=torch.float64)
         load.index_add_(0, column, counts.to(torch.float64))
         shares.append(load / load.sum().clamp(min=1))
     return torch.stack(shares)

@@ -37,7 +37,7 @@ import torch.nn as nn
 from .experts import ExpertFFN
 from .grouped_mm import ExpertRows
 from .hashing import RouteInputs
-from .route import LayerPlan, Route
+from .route import LayerPlan, Route, expert_counts
 from .routers import HashRouter
 
 
@@ -50,7 +50,7 @@ def plan_hash_dispatch(moes: List["MoELayer"], inputs: RouteInputs) -> List[Laye
     """
     indices = [moe.hash_indices(inputs) for moe in moes]  # [S, k] each
     width = max(moe.total_bins for moe in moes) + 1  # the last bucket: padding
-    counts = torch.stack([torch.bincount(i.reshape(-1), minlength=width) for i in indices])
+    counts = torch.stack([expert_counts(i, width) for i in indices])
     layout = next((moe.exchange.layout for moe in moes if moe.exchange is not None), None)
     if layout is not None:
         from .expert_parallel import gather_counts
@@ -159,7 +159,7 @@ class MoELayer(nn.Module):
         if plan is not None:
             counts = ExpertRows(plan.counts, plan.device_counts)
         else:  # a learned router: its one read
-            device_counts = torch.bincount(flat, minlength=E + 1)[:E]
+            device_counts = expert_counts(flat, E + 1)[:E]
             counts = ExpertRows(device_counts.tolist(), device_counts)
         kept = counts.total
         if k == 1 and kept == S:

@@ -47,3 +47,16 @@ class Route:
 
     inputs: Optional[RouteInputs]  # None for routers that look at hidden states only
     plan: Optional[LayerPlan] = None
+
+
+def expert_counts(indices: torch.Tensor, width: int) -> torch.Tensor:
+    """``[width]`` int64: how many entries of ``indices`` (ints in ``[0, width)``) hold each value.
+
+    A histogram by ``scatter_add_`` into a tensor of known size, which a GPU computes
+    without waiting: ``torch.bincount`` sizes its output by the largest index, which it
+    reads from the device (its CUDA kernel takes the input's min and max with ``.item()``;
+    ``benchmarks/gpu_check.sh`` step 5 counted two waits a call).
+    """
+    flat = indices.reshape(-1)
+    counts = torch.zeros(width, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))

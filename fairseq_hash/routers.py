@@ -30,6 +30,7 @@ from fairscale.nn.moe.top2gate import Top2Gate, top2gating
 
 from .errors import HashConfigError
 from .hashing import HASH_REGISTRY, HashFunction, RouteInputs
+from .route import expert_counts
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,12 @@ class HashRouter(nn.Module):
     (a :class:`~fairseq_hash.scores.HashScoreGate`, ``--hash-score``).
     """
 
-    def __init__(self, hash_fn: HashFunction, table: torch.Tensor, num_experts: int,
+    def __init__(self, hash_fn: HashFunction, table: torch.Tensor, total_experts: int,
                  dict_fingerprint: int, missing_file: str = None, topk: int = 1,
                  gate: nn.Module = None):
         super().__init__()
         self.hash_fn = hash_fn
-        self.num_experts = num_experts
+        self.total_experts = total_experts
         self.topk = topk
         self.gate = gate
         # contiguous: fairseq's broadcast of a checkpoint to the other ranks sends
@@ -77,12 +78,13 @@ class HashRouter(nn.Module):
         self.missing_file = missing_file
 
     @classmethod
-    def awaiting_checkpoint(cls, hash_fn, num_experts, dict_fingerprint, hash_file, choices=1,
+    def awaiting_checkpoint(cls, hash_fn, total_experts, dict_fingerprint, hash_file, choices=1,
                             **kwargs):
         """A router whose ``--hash-file`` is gone: usable once a checkpoint gives its table
         (``choices``: a token's N hashes or k experts, the table's columns per hash)."""
         table = torch.zeros(0, choices * hash_fn.columns_per_hash, dtype=torch.long)
-        return cls(hash_fn, table, num_experts, dict_fingerprint, missing_file=hash_file, **kwargs)
+        return cls(hash_fn, table, total_experts, dict_fingerprint, missing_file=hash_file,
+                   **kwargs)
 
     def missing_table_error(self) -> HashConfigError:
         return HashConfigError(f"--hash-file {self.missing_file}: no such file (and no "
@@ -132,10 +134,10 @@ class HashRouter(nn.Module):
                 f"({tuple(self.table.shape)}); load the checkpoint with the dict.txt it was "
                 f"trained with"
             )
-        if int(table.max()) >= self.num_experts:
+        if int(table.max()) >= self.total_experts:
             raise HashConfigError(
                 f"the hash table {prefix}table routes to expert {int(table.max())} but "
-                f"--hash-experts is {self.num_experts}"
+                f"--hash-experts is {self.total_experts}"
             )
 
     def add_missing_hash_type(self, state_dict, prefix: str):
@@ -158,19 +160,19 @@ def load_balancing_loss(probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor
     probability given to e. It is 1 at perfect balance and K when all tokens
     pick one expert.
     """
-    num_experts = probs.size(1)
-    share = torch.bincount(top1, minlength=num_experts).to(probs.dtype) / top1.numel()
-    return num_experts * torch.sum(share * probs.mean(dim=0))
+    total_experts = probs.size(1)
+    share = expert_counts(top1, total_experts).to(probs.dtype) / top1.numel()
+    return total_experts * torch.sum(share * probs.mean(dim=0))
 
 
-def over_capacity(experts: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+def over_capacity(experts: torch.Tensor, total_experts: int, capacity: int) -> torch.Tensor:
     """``[S]`` bool: tokens whose expert already took ``capacity`` earlier tokens.
 
     Earlier rows win, as in Switch Transformers. Computed by a stable sort
     (the rank of each token within its expert), not a one-hot cumulative sum.
     """
     order = torch.argsort(experts, stable=True)
-    counts = torch.bincount(experts, minlength=num_experts)
+    counts = expert_counts(experts, total_experts)
     starts = counts.cumsum(0) - counts
     rank = torch.empty_like(experts)
     rank[order] = torch.arange(experts.numel(), device=experts.device) - starts[experts[order]]
@@ -188,15 +190,15 @@ class SwitchRouter(nn.Module):
 
     Args:
         embed_dim (int): d
-        num_experts (int): K
+        total_experts (int): K
         capacity_factor (float): expert capacity in units of S/K (training only)
     """
 
-    def __init__(self, embed_dim: int, num_experts: int, capacity_factor: float = 1.25):
+    def __init__(self, embed_dim: int, total_experts: int, capacity_factor: float = 1.25):
         super().__init__()
-        self.num_experts = num_experts
+        self.total_experts = total_experts
         self.capacity_factor = capacity_factor
-        self.wg = nn.Linear(embed_dim, num_experts, bias=False)
+        self.wg = nn.Linear(embed_dim, total_experts, bias=False)
 
     def forward(self, x: torch.Tensor, route: RouteInputs = None) -> RouterOutput:
         # the gate runs in float32 even in a half-precision model
@@ -205,8 +207,8 @@ class SwitchRouter(nn.Module):
         aux_loss = load_balancing_loss(probs, expert)
         dropped = None
         if self.training:
-            capacity = math.ceil(self.capacity_factor * x.size(0) / self.num_experts)
-            dropped = over_capacity(expert, self.num_experts, capacity).unsqueeze(1)
+            capacity = math.ceil(self.capacity_factor * x.size(0) / self.total_experts)
+            dropped = over_capacity(expert, self.total_experts, capacity).unsqueeze(1)
         return RouterOutput(indices=expert.unsqueeze(1), weights=weight.unsqueeze(1),
                             aux_loss=aux_loss, dropped=dropped)
 
@@ -225,16 +227,16 @@ class Top2Router(nn.Module):
 
     Args:
         embed_dim (int): d
-        num_experts (int): K
+        total_experts (int): K
     """
 
-    def __init__(self, embed_dim: int, num_experts: int):
+    def __init__(self, embed_dim: int, total_experts: int):
         super().__init__()
-        self.num_experts = num_experts
-        self.gate = Top2Gate(embed_dim, num_experts)
+        self.total_experts = total_experts
+        self.gate = Top2Gate(embed_dim, total_experts)
 
     def forward(self, x: torch.Tensor, route: RouteInputs = None) -> RouterOutput:
-        S, K = x.size(0), self.num_experts
+        S, K = x.size(0), self.total_experts
         logits = self.gate.wg(x).float()  # [S, K]
         if not self.training:
             probs = torch.softmax(logits, dim=-1)
@@ -303,13 +305,13 @@ class BaseRouter(nn.Module):
 
     Args:
         embed_dim (int): d
-        num_experts (int): K
+        total_experts (int): K
     """
 
-    def __init__(self, embed_dim: int, num_experts: int):
+    def __init__(self, embed_dim: int, total_experts: int):
         super().__init__()
-        self.num_experts = num_experts
-        centroids = torch.empty(num_experts, embed_dim)
+        self.total_experts = total_experts
+        centroids = torch.empty(total_experts, embed_dim)
         nn.init.orthogonal_(centroids, gain=0.1)
         self.centroids = nn.Parameter(centroids)
 
@@ -339,9 +341,9 @@ class BaseRouter(nn.Module):
 ROUTERS = ("hash", "switch", "top2", "base")  # --router's values
 
 
-def build_learned_router(name: str, embed_dim: int, num_experts: int,
+def build_learned_router(name: str, embed_dim: int, total_experts: int,
                          capacity_factor: float = 1.25) -> nn.Module:
     """A learned router by its ``--router`` name (``hash`` is built from a table)."""
     if name == "switch":
-        return SwitchRouter(embed_dim, num_experts, capacity_factor)
-    return {"top2": Top2Router, "base": BaseRouter}[name](embed_dim, num_experts)
+        return SwitchRouter(embed_dim, total_experts, capacity_factor)
+    return {"top2": Top2Router, "base": BaseRouter}[name](embed_dim, total_experts)

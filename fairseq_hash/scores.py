@@ -1,6 +1,6 @@
 """Learned combination scores for top-k hash routing (``--hash-score``).
 
-    gate = HashScoreGate(embed_dim=512, num_experts=16, score="softmax", scale=1.0)
+    gate = HashScoreGate(embed_dim=512, total_experts=16, score="softmax", scale=1.0)
     weights = gate(x, indices)   # x: [S, d], indices: [S, k] hashed experts -> [S, k]
 
 The hash still chooses the experts; the gate only weighs their outputs, as in
@@ -24,7 +24,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SCORES = ("none", "softmax", "sigmoid", "sqrt-softplus")
+
+def _normalised(scores: torch.Tensor) -> torch.Tensor:
+    # k = 1 stays as it is: one normalised score is the constant 1
+    return scores / scores.sum(dim=-1, keepdim=True) if scores.size(1) > 1 else scores
+
+
+# --hash-score -> the weights [S, k] of logits [S, k], before the scale
+WEIGHTS = {
+    "softmax": lambda logits: torch.softmax(logits, dim=-1),
+    "sigmoid": lambda logits: _normalised(torch.sigmoid(logits)),
+    "sqrt-softplus": lambda logits: _normalised(F.softplus(logits).sqrt()),
+}
+SCORES = ("none", *WEIGHTS)  # spec.HashLayerSpec.validate refuses any other --hash-score
 
 
 class HashScoreGate(nn.Module):
@@ -32,28 +44,21 @@ class HashScoreGate(nn.Module):
 
     Args:
         embed_dim (int): d
-        num_experts (int): K
-        score (str): one of ``SCORES`` other than ``none``
+        total_experts (int): K
+        score (str): a key of ``WEIGHTS`` (checked with the other flags by spec.HashLayerSpec)
         scale (float): multiplies every weight
     """
 
-    def __init__(self, embed_dim: int, num_experts: int, score: str, scale: float = 1.0):
+    def __init__(self, embed_dim: int, total_experts: int, score: str, scale: float = 1.0):
         super().__init__()
-        if score not in SCORES[1:]:
-            raise ValueError(f"score {score!r}: a gate needs one of {', '.join(SCORES[1:])}")
         self.score = score
         self.scale = scale
-        self.weight = nn.Parameter(torch.zeros(num_experts, embed_dim))  # [K, d]
+        self.weight = nn.Parameter(torch.zeros(total_experts, embed_dim))  # [K, d]
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(indices, self.weight)  # [S, k, d]: the k hashed experts' rows only
         logits = torch.einsum("sd,skd->sk", x, rows.to(x.dtype)).float()  # [S, k]
-        if self.score == "softmax":
-            return torch.softmax(logits, dim=-1) * self.scale
-        scores = torch.sigmoid(logits) if self.score == "sigmoid" else F.softplus(logits).sqrt()
-        if indices.size(1) > 1:
-            scores = scores / scores.sum(dim=-1, keepdim=True)
-        return scores * self.scale
+        return WEIGHTS[self.score](logits) * self.scale
 
     def extra_repr(self):
         return f"score={self.score}, scale={self.scale}, experts={self.weight.size(0)}"

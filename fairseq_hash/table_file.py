@@ -1,7 +1,7 @@
 """Hash tables in files: build once, train with ``--hash-file``, bring your own.
 
-    save_table_file("clustered.json", table, "clustered", num_experts=16, dictionary=d)
-    table = load_table_file("clustered.json", d, "clustered", num_experts=16, num_hashes=1)
+    save_table_file("clustered.json", table, "clustered", total_experts=16, dictionary=d)
+    table = load_table_file("clustered.json", d, "clustered", total_experts=16, num_hashes=1)
 
 A table file is one JSON object (see ``docs/hash_tables.md``)::
 
@@ -47,7 +47,7 @@ def fingerprint_hex(dictionary) -> str:
     return f"{dictionary_fingerprint(dictionary):015x}"
 
 
-def save_table_file(path, table: torch.Tensor, hash_type: str, num_experts: int, dictionary,
+def save_table_file(path, table: torch.Tensor, hash_type: str, total_experts: int, dictionary,
                     source: str = "", topk: int = 1):
     """Write ``table [R, N * columns_per_hash]`` (or ``[R, k * columns_per_hash]``)."""
     cls = HASH_REGISTRY[hash_type]
@@ -55,7 +55,7 @@ def save_table_file(path, table: torch.Tensor, hash_type: str, num_experts: int,
         "format": FORMAT,
         "version": VERSION,
         "type": hash_type,
-        "num_experts": int(num_experts),
+        "num_experts": int(total_experts),  # the format's key since version 1
         "num_hashes": table.size(1) // cls.columns_per_hash // topk,
         "topk": int(topk),
         "dictionary_size": len(dictionary),
@@ -100,11 +100,11 @@ def read_table_file(path):
     return doc
 
 
-def load_table_file(path, dictionary, hash_type: str, num_experts: int, num_hashes: int,
+def load_table_file(path, dictionary, hash_type: str, total_experts: int, num_hashes: int,
                     topk: int = 1):
     """The table ``[R, N * columns_per_hash]`` (or ``[R, k * ...]``) of a file, or an error."""
     if path.endswith(TENSOR_SUFFIXES):
-        return load_tid2eid(path, dictionary, hash_type, num_experts, topk)
+        return load_tid2eid(path, dictionary, hash_type, total_experts, topk)
     doc = read_table_file(path)
     if doc["type"] != hash_type:
         raise HashConfigError(
@@ -116,10 +116,10 @@ def load_table_file(path, dictionary, hash_type: str, num_experts: int, num_hash
             f"--hash-file {path}: type {doc['type']!r} is unknown; valid: "
             f"{', '.join(sorted(HASH_REGISTRY))}"
         )
-    if int(doc["num_experts"]) != num_experts:
+    if int(doc["num_experts"]) != total_experts:
         raise HashConfigError(
             f"--hash-file {path} was built for {doc['num_experts']} experts but "
-            f"--hash-experts is {num_experts}; rebuild the table or pass "
+            f"--hash-experts is {total_experts}; rebuild the table or pass "
             f"--hash-experts {doc['num_experts']}"
         )
     if doc["dictionary_fingerprint"] != fingerprint_hex(dictionary):
@@ -152,14 +152,14 @@ def load_table_file(path, dictionary, hash_type: str, num_experts: int, num_hash
             f"--hash-file {path}: table is {list(table.shape)}, expected "
             f"[{rows or 'R'}, {columns}] for {what}"
         )
-    check_entries(path, table, num_experts, topk)
+    check_entries(path, table, total_experts, topk)
     return table
 
 
-def check_entries(path, table: torch.Tensor, num_experts: int, topk: int):
-    if int(table.min()) < 0 or int(table.max()) >= num_experts:
+def check_entries(path, table: torch.Tensor, total_experts: int, topk: int):
+    if int(table.min()) < 0 or int(table.max()) >= total_experts:
         raise HashConfigError(
-            f"--hash-file {path}: entries must lie in [0, {num_experts}), found "
+            f"--hash-file {path}: entries must lie in [0, {total_experts}), found "
             f"{int(table.min())}..{int(table.max())}"
         )
     if topk > 1:
@@ -199,7 +199,7 @@ def read_tensor_file(path) -> dict:
     return loaded
 
 
-def load_tid2eid(path, dictionary, hash_type: str, num_experts: int, topk: int):
+def load_tid2eid(path, dictionary, hash_type: str, total_experts: int, topk: int):
     """Import a token -> experts tensor ``tid2eid [V, k]`` as the table of a token hash."""
     cls = HASH_REGISTRY[hash_type]
     if not cls.token_rows or cls.columns_per_hash != 1:
@@ -230,5 +230,5 @@ def load_tid2eid(path, dictionary, hash_type: str, num_experts: int, topk: int):
             f"{len(dictionary)} symbols (dict.txt plus fairseq's specials and fillers); "
             f"one row per dictionary index is needed"
         )
-    check_entries(path, table, num_experts, topk)
+    check_entries(path, table, total_experts, topk)
     return table

@@ -8,7 +8,8 @@ On a GPU each such read waits for the device. A read is a tensor method that
 hands a value to Python (``item``, ``tolist``, ``__int__``, ``__bool__``,
 ``__index__``, ``__float__``), or an operation whose output size depends on
 tensor values and so must read them (``nonzero``, boolean indexing,
-``repeat_interleave`` without ``output_size``). Reads inside torch's C++ code
+``repeat_interleave`` without ``output_size``, ``bincount``: it reads its input's
+min and max, two waits a call on a GPU, counted by ``benchmarks/gpu_check.sh``). Reads inside torch's C++ code
 are not seen by a TorchFunctionMode; the list above covers the ones Python
 code of ours could make.
 """
@@ -19,7 +20,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 READS = {"item", "tolist", "__int__", "__bool__", "__index__", "__float__", "nonzero",
-         "masked_select", "unique"}
+         "masked_select", "unique", "bincount"}
 # files of the hash layers, relative to fairseq_hash/ (one ending in "/": every file of
 # that package): a read with one of them on the stack is inside a layer
 LAYER_FILES = ("moe_layer.py", "experts.py", "expert_parallel/", "fairscale_dispatch.py",

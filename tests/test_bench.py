@@ -101,9 +101,9 @@ def test_a_learned_router_is_benchmarked_with_gradients_reaching_its_gate(monkey
     from fairseq_hash import routers
 
     class SwitchRouter(torch.nn.Module):  # the shape a learned router is expected to have
-        def __init__(self, embed_dim, num_experts, capacity_factor=1.0):
+        def __init__(self, embed_dim, total_experts, capacity_factor=1.0):
             super().__init__()
-            self.gate = torch.nn.Linear(embed_dim, num_experts)
+            self.gate = torch.nn.Linear(embed_dim, total_experts)
 
         def forward(self, x, route):
             weight, index = self.gate(x).softmax(-1).max(-1)

@@ -2,7 +2,8 @@
 
 One epoch on one process, then a second epoch resumed from that file on one
 process (``--update-freq 2``) and on two gloo ranks (one batch each): the same
-global batches, so the same losses, update by update.
+global batches, so the same losses, update by update. Shared experts also
+change world size: trained on two ranks, resumed on four.
 """
 import os
 import shutil
@@ -13,7 +14,9 @@ from fairseq.data import Dictionary
 
 from fairseq_hash.hashing import build_hash_function
 from fairseq_hash.routers import HashRouter
-from test_expert_parallel import losses, train_on_one_rank, train_on_two_ranks
+from test_expert_parallel import (assert_same_weights, losses, train_on_one_rank, train_on_ranks,
+                                  train_on_two_ranks)
+from test_topk_train import TOP2
 
 ROUTERS = {
     "hash": [],
@@ -85,6 +88,27 @@ def test_top2_resumed_with_experts_spread_continues_as_with_every_expert_on_ever
     spread = losses(train_on_two_ranks(data_bin, copy(first, str(tmp_path / "spread")),
                                        *SECOND_EPOCH, *flags))
     assert len(whole) == 3 and spread == whole
+
+
+def test_shared_experts_trained_on_two_ranks_and_resumed_on_four_continue_as_one_process(
+        data_bin, tmp_path):
+    """Top-2 with scores and a shared expert: epoch 1 on two ranks, epoch 2 on
+    four (one routed expert a rank), against one process with ``--update-freq``
+    2, then 4. The shared expert and the gate are all-reduced with fairseq's
+    other shared weights; unsynchronised on four ranks, each rank steps with a
+    quarter of the batch and loss and weights part from the reference."""
+    one, ranks = str(tmp_path / "one"), str(tmp_path / "ranks")
+    one_first = losses(train_on_one_rank(data_bin, one, *TOP2, "--max-epoch", "1"))
+    two_first = losses(train_on_two_ranks(data_bin, ranks, *TOP2, "--max-epoch", "1"))
+    assert len(one_first) == 7 and two_first == one_first
+    one_second = losses(train_on_one_rank(data_bin, one, *TOP2, "--max-epoch", "2",
+                                          "--update-freq", "4"))
+    four_second = losses(train_on_ranks(4, data_bin, ranks, *TOP2, "--max-epoch", "2"))
+    assert len(one_second) == 4 and four_second == one_second
+    shared = "decoder.layers.0.fc1.shared.fc1.weight"
+    assert shared in torch.load(os.path.join(ranks, "checkpoint_last.pt"))["model"]
+    assert_same_weights(os.path.join(one, "checkpoint_last.pt"),
+                        os.path.join(ranks, "checkpoint_last.pt"), rel=1e-4)
 
 
 def test_hash_tables_are_stored_contiguous():

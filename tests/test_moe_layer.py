@@ -92,3 +92,12 @@ def test_a_model_hands_each_hash_layer_its_route_for_the_forward_only(tmp_path):
         assert sum(seen[idx].plan.counts) == tokens.numel()  # no padding here
         assert torch.equal(seen[idx].inputs.tokens, tokens)
         assert moe.route is None  # nothing left behind for the next call
+
+
+def test_expert_counts_equal_bincount_without_sizing_by_the_largest_index():
+    from fairseq_hash.route import expert_counts
+
+    gen = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, 5, (40, 2), generator=gen)  # 5 of 7 buckets used
+    assert torch.equal(expert_counts(indices, 7), torch.bincount(indices.reshape(-1), minlength=7))
+    assert expert_counts(indices, 7).shape == (7,)

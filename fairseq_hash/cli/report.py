@@ -92,28 +92,28 @@ def collect(model, task, subset="valid", max_tokens=4096, max_batches=0):
     return torch.cat(tokens), {idx: torch.cat(e) for idx, e in experts.items()}, nll / max(count, 1)
 
 
-def load_stats(experts: torch.Tensor, num_experts: int):
+def load_stats(experts: torch.Tensor, total_experts: int):
     """Counts, shares, max/mean and entropy of expert ids ``[S]`` or ``[S, k]``."""
-    counts = torch.bincount(experts.reshape(-1), minlength=num_experts).double()
+    counts = torch.bincount(experts.reshape(-1), minlength=total_experts).double()
     share = counts / counts.sum().clamp(min=1)
     nz = share[share > 0]
     entropy = float(-(nz * nz.log2()).sum())
     return {
         "tokens": [int(c) for c in counts],
         "share": [round(float(s), 6) for s in share],
-        "max_over_mean": round(float(share.max()) * num_experts, 4),
+        "max_over_mean": round(float(share.max()) * total_experts, 4),
         "entropy_bits": round(entropy, 4),
-        "entropy_normalized": round(entropy / math.log2(num_experts), 4),
+        "entropy_normalized": round(entropy / math.log2(total_experts), 4),
     }
 
 
-def top_tokens(tokens, experts, num_experts, dictionary, top):
+def top_tokens(tokens, experts, total_experts, dictionary, top):
     """The ``top`` most frequent tokens of each expert, as [symbol, count] pairs."""
     result = []
     slots = experts.size(1)
     flat_tokens = tokens.repeat_interleave(slots)
     flat_experts = experts.reshape(-1)
-    for e in range(num_experts):
+    for e in range(total_experts):
         mine = flat_tokens[flat_experts == e]
         if mine.numel() == 0:
             result.append([])

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from fairscale.nn.moe.moe_layer import _AllToAll
 
 from ..grouped_mm import to_device
-from ..route import LayerPlan
+from ..route import LayerPlan, expert_counts
 from .layout import ExpertLayout
 
 def gather_counts(counts: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
@@ -87,7 +87,7 @@ class AllToAllExchange:
         if plan is not None:
             everyone = plan.everyone
         else:  # a learned router decides in the layer
-            counts = torch.bincount(flat, minlength=P * L + 1)[:P * L]
+            counts = expert_counts(flat, P * L + 1)[:P * L]
             everyone = gather_counts(counts, self.layout).tolist()  # [P][E]
         return ExchangeSizes(everyone, self.layout.shard, L)
 

@@ -67,11 +67,11 @@ def log_expected_load(moe_layers, dictionary, side: str = "decoder"):
         if not router.hash_fn.token_rows:
             continue  # not a token table (e.g. position); load depends on the data
         # a top-k table's k columns are all slots of a token: each counts
-        share = expected_load(router.table, counts, router.num_experts)[:router.topk].mean(0)
+        share = expected_load(router.table, counts, router.total_experts)[:router.topk].mean(0)
         logger.info(
-            f"{side} hash layer {idx} ({router.hash_fn.name}, {router.num_experts} experts): "
+            f"{side} hash layer {idx} ({router.hash_fn.name}, {router.total_experts} experts): "
             f"expected share per expert min {share.min():.4f} max {share.max():.4f}, "
-            f"max/mean {share.max() * router.num_experts:.3f}"
+            f"max/mean {share.max() * router.total_experts:.3f}"
         )
 
 

@@ -13,17 +13,26 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
-def pin(pieces: Sequence[Sequence[tuple]]) -> List[torch.Tensor]:
+def pin(pieces: Sequence[Sequence[tuple]], dtype: torch.dtype) -> List[torch.Tensor]:
     """Per parameter, its ``(first row, tensor, ...)`` pieces as one ``[K, ...]``
-    tensor in pinned host memory."""
-    return [torch.cat([p[1] for p in parts]).pin_memory() for parts in pieces]
+    tensor of ``dtype`` in pinned host memory: converted here, once, so that each
+    copy to the device carries the model's dtype (half the bytes of fp32 for bf16),
+    and rounded as the device would round it (to nearest even)."""
+    out = []
+    for parts in pieces:
+        rows = sum(t.size(0) for _, t, *_ in parts)
+        pinned = torch.empty((rows, *parts[0][1].shape[1:]), dtype=dtype, pin_memory=True)
+        for first, t, *_ in parts:
+            pinned[first:first + t.size(0)].copy_(t)
+        out.append(pinned)
+    return out
 
 
-def copy_rows(pinned: Sequence[torch.Tensor], expert: int, dtype: torch.dtype,
-              device: torch.device, stream) -> List[torch.Tensor]:
+def copy_rows(pinned: Sequence[torch.Tensor], expert: int, device: torch.device,
+              stream) -> List[torch.Tensor]:
     """Expert ``expert``'s rows, one asynchronous copy a row on ``stream``."""
     with torch.cuda.stream(stream):
-        return [rows[expert].to(device, non_blocking=True).to(dtype) for rows in pinned]
+        return [rows[expert].to(device, non_blocking=True) for rows in pinned]
 
 
 def copied(stream) -> torch.cuda.Event:

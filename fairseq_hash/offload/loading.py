@@ -7,9 +7,10 @@ fairseq's tools and the hub interface read checkpoints through
 :func:`map_if_asked`. Both are inert unless the overrides ask for
 ``hash_offload_experts``.
 
-fairseq reads the checkpoint with ``torch.load`` on an open file, which torch
-cannot map (``mmap=True`` needs a path), so the whole file passes through
-memory once while loading; the experts' copies are freed right after.
+fairseq reads the checkpoint with ``torch.load`` on a file it opens, which torch
+cannot map (``mmap=True`` needs a path). With offload asked for,
+:func:`mapped_read` has that read map the file instead, so that loading a
+checkpoint larger than memory holds no more than its shared weights.
 """
 import contextlib
 
@@ -41,6 +42,35 @@ def read_errors(path: str, overrides):
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HashConfigError(f"--hash-offload-experts: cannot read the checkpoint {path} "
                               f"({reason}); is it truncated?") from None
+
+
+@contextlib.contextmanager
+def mapped_read(overrides):
+    """Around fairseq's ``load_checkpoint_to_cpu``: with offload asked for, its
+    ``with open(local_path, "rb") as f: torch.load(f, ...)`` gets the path itself
+    (``checkpoint_utils.open``, a module global in front of the builtin, for the
+    call only) and torch loads by mapping the file (``torch.utils.serialization.
+    config.load.mmap``, torch's documented default of ``torch.load``'s ``mmap``):
+    every tensor of the state is then a view of the mapped file, read when used."""
+    if asked_mode(overrides) == "none":
+        yield
+        return
+    from fairseq import checkpoint_utils
+    from torch.utils.serialization import config
+
+    def open_path(file, mode="r", *args, **kwargs):
+        if mode == "rb" and not args and not kwargs:
+            return contextlib.nullcontext(file)
+        return open(file, mode, *args, **kwargs)
+
+    was_mmap, had_open = config.load.mmap, "open" in vars(checkpoint_utils)
+    config.load.mmap, checkpoint_utils.open = True, open_path
+    try:
+        yield
+    finally:
+        config.load.mmap = was_mmap
+        if not had_open:
+            del checkpoint_utils.open
 
 
 def map_if_asked(state: dict, path: str, overrides) -> dict:

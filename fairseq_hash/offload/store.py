@@ -45,7 +45,7 @@ class ExpertSource:
         # the mapped length of each file: reading past a truncated file's end
         # would kill the process (SIGBUS), so a shorter file is refused first
         self.file_sizes = {f: os.path.getsize(f) for f in self.files}
-        self.pinned = None  # on CUDA: the pieces in pinned host memory
+        self.pinned = None  # on CUDA: the pieces in pinned host memory, in the model's dtype
         self.pinning = threading.Lock()
 
     def row_bytes(self, dtype: Optional[torch.dtype] = None) -> int:
@@ -118,10 +118,11 @@ class ExpertSource:
 
     def _read_cuda(self, expert, dtype, device, stream):
         with self.pinning:  # the loader and a forward loading on demand
-            if self.pinned is None:
+            if self.pinned is None or self.pinned[0].dtype != dtype:
                 self.check_files()
-                self.pinned = cuda.pin(self.pieces)
-        return cuda.copy_rows(self.pinned, expert, dtype, device, stream)
+                self.pinned = None  # the old dtype's copy goes before the new one is made
+                self.pinned = cuda.pin(self.pieces, dtype)
+        return cuda.copy_rows(self.pinned, expert, device, stream)
 
 
 _EVICTIONS = None  # the benchmark's cold runs: (path, offset, length) to drop from the page cache

@@ -35,6 +35,7 @@ import sys
 import tempfile
 
 from ..user_dir import user_dir
+from .options import add_data_flags, add_json_flag, prepared_data, write_json
 from .parallel import free_port
 
 SELF = [sys.executable, "-m", "fairseq_hash.cli.bench.checkpoint"]
@@ -190,28 +191,17 @@ def main(argv=None):
     parser.add_argument("--ffn-dim", type=int, default=2048, help="hidden width f of every expert (default 2048)")
     parser.add_argument("--hash-layers", type=int, default=2,
                         help="decoder layers, all hash layers (default 2)")
-    parser.add_argument("--data-bin", metavar="DIR",
-                        help="a language-modelling data-bin (default: the built-in corpus, "
-                        "prepared once in --work-dir)")
-    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(),
-                                                           "fairseq-hash-bench"),
-                        help="folder for the prepared data and the checkpoints")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows to FILE")
+    add_data_flags(parser)
+    add_json_flag(parser)
     args = parser.parse_args(argv)
     for world in args.ranks:
         if world < 2 or args.experts % world:
             parser.error(f"--ranks {world}: give world sizes of 2 or more that divide "
                          f"--experts {args.experts}")
-    os.makedirs(args.work_dir, exist_ok=True)
-    if not args.data_bin:
-        from ..data.prepare import prepare
-
-        args.data_bin = prepare(os.path.join(args.work_dir, "data"))
+    args.data_bin = prepared_data(args)
     rows = [row for world in args.ranks for row in measure(args, world)]
     print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
     return rows
 
 

@@ -14,13 +14,13 @@ over ``--repeats`` runs (from fairseq-generate's own "Translated ..." line) and
 the ratio hash/dense.
 """
 import argparse
-import json
 import os
 import re
 import tempfile
 
 from ..fairseq_runner import run_fairseq
 from ..user_dir import user_dir
+from .options import add_json_flag, write_json
 
 SPEED = re.compile(r"Translated ([0-9,]+) sentences .* \(([0-9.]+) sentences/s")
 
@@ -71,7 +71,7 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=24, help="tokens a hypothesis (24)")
     parser.add_argument("--batch-size", type=int, default=32, help="sentences a batch (32)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per model; the best counts (3)")
-    parser.add_argument("--json", help="also write the rows to this file")
+    add_json_flag(parser)
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,9 +90,7 @@ def main(argv=None):
         row["ratio"] = row["sentences_per_s"] / dense
         print(f"{row['model']:<8}{row['sentences']:>10}{row['sentences_per_s']:>15.2f}"
               f"{row['ratio']:>8.2f}  {', '.join(f'{r:.2f}' for r in row['all_runs'])}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    write_json(args.json, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

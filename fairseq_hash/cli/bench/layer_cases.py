@@ -101,17 +101,17 @@ class FixedGate(nn.Module):
     [S, E, C])`` with C the busiest expert's load: nothing is dropped.
     """
 
-    def __init__(self, expert_ids, num_experts):
+    def __init__(self, expert_ids, total_experts):
         super().__init__()
         self.expert_ids = expert_ids
-        self.num_experts = num_experts
+        self.total_experts = total_experts
 
     def forward(self, x):
         ids = self.expert_ids
-        one_hot = F.one_hot(ids, self.num_experts)  # [S, E]
+        one_hot = F.one_hot(ids, self.total_experts)  # [S, E]
         slot = (one_hot.cumsum(0) - 1).gather(1, ids.unsqueeze(1)).squeeze(1)  # [S]
         capacity = int(one_hot.sum(0).max())
-        dispatch = torch.zeros(x.size(0), self.num_experts, capacity, dtype=torch.bool,
+        dispatch = torch.zeros(x.size(0), self.total_experts, capacity, dtype=torch.bool,
                                device=x.device)
         dispatch[torch.arange(x.size(0), device=x.device), ids, slot] = True
         return x.new_zeros(()), dispatch.to(x.dtype), dispatch

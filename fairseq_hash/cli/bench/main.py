@@ -13,11 +13,9 @@ a dense seq2seq model) and ``python -m fairseq_hash.cli.bench.phases`` (where a
 training update spends its time).
 """
 import argparse
-import json
 import logging
 import os
 import sys
-import tempfile
 from typing import List
 
 import torch
@@ -26,6 +24,7 @@ from ..command import command
 from ..tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS
 from .layer import print_layer_table, run_layers
 from .layer_cases import LAYER_IMPLS
+from .options import add_data_flags, add_json_flag, write_json
 from .parallel import run_ranks
 from .train import print_train_table, run_train
 
@@ -62,8 +61,7 @@ def parse_args(argv=None):
                         f"(default {torch.get_num_threads()}, torch's default here)")
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the memory pass (peak_mb, act_mb) of layer mode")
-    parser.add_argument("--json", metavar="FILE",
-                        help="also write the rows as a JSON list to FILE")
+    add_json_flag(parser)
     parser.add_argument("--train", action="store_true",
                         help="measure whole-model training words/s through fairseq-train "
                         "instead of one layer")
@@ -73,13 +71,7 @@ def parse_args(argv=None):
                         help="--train: updates per run (default 12)")
     parser.add_argument("--warmup-updates", type=int, default=3,
                         help="--train: first updates left out of the speed (default 3)")
-    parser.add_argument("--data-bin", metavar="DIR",
-                        help="--train: a fairseq language-modelling data-bin (default: the "
-                        "built-in corpus, prepared once in --work-dir)")
-    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(),
-                                                           "fairseq-hash-bench"),
-                        help="--train: folder for the prepared data and fairseq's logs "
-                        "(default: fairseq-hash-bench in the temporary folder)")
+    add_data_flags(parser, "--train: ")
     parser.add_argument("--ranks", type=int, default=1,
                         help="2 or 4: expert parallelism on that many gloo processes: the "
                         "layer (alltoall, fairscale's MOELayer, one process), or with --train "
@@ -126,9 +118,7 @@ def run(argv=None) -> List[dict]:
           f"d {args.embed_dim}, f {args.ffn_dim}; load average (1, 5, 15 min) before "
           f"{load and tuple(round(x, 2) for x in load)}, after "
           f"{load_after and tuple(round(x, 2) for x in load_after)}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
     return rows
 
 

@@ -43,6 +43,7 @@ import torch
 
 from ...errors import HashConfigError
 from ..user_dir import user_dir
+from .options import prepared_data
 
 SELF = [sys.executable, "-m", "fairseq_hash.cli.bench.parallel"]  # a worker rank
 
@@ -202,11 +203,7 @@ def fairseq_words_per_second(args, arch_flags, port):
 
 
 def run_train(args):
-    if not args.data_bin:
-        from ..data.prepare import prepare
-
-        os.makedirs(args.work_dir, exist_ok=True)
-        args.data_bin = prepare(os.path.join(args.work_dir, "data"))
+    args.data_bin = prepared_data(args)
     hash_flags = ["--arch", "hash_transformer_lm", "--hash-layer", "-1",
                   "--hash-experts", str(args.experts)]
     rows = [{"model": "dense, data-parallel", "wps": fairseq_words_per_second(
@@ -220,23 +217,23 @@ def run_train(args):
     return rows
 
 
-def padded_rows(experts: torch.Tensor, num_experts: int, ranks: int) -> int:
+def padded_rows(experts: torch.Tensor, total_experts: int, ranks: int) -> int:
     """Rows of fairscale's padded all-to-all, summed over ranks, one direction:
-    ``experts [P, S]`` (id ``num_experts``: goes nowhere) -> P * P * C."""
-    counts = torch.stack([torch.bincount(e, minlength=num_experts + 1)[:num_experts]
+    ``experts [P, S]`` (id ``total_experts``: goes nowhere) -> P * P * C."""
+    counts = torch.stack([torch.bincount(e, minlength=total_experts + 1)[:total_experts]
                           for e in experts])  # [P, K]
     pair = counts.view(ranks, ranks, -1).sum(-1)  # [src, dst]
     return ranks * ranks * int(pair.max())
 
 
-def run_wire(args, vocab=32000, num_experts=64):
+def run_wire(args, vocab=32000, total_experts=64):
     from ...hashing import greedy_balance
 
     draws = args.repeat  # batches drawn for each row
     gen = torch.Generator().manual_seed(0)
     probs = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)  # Zipf, exponent 1
     probs /= probs.sum()
-    table = greedy_balance(probs * 1e9, num_experts)  # the balanced hash of these counts
+    table = greedy_balance(probs * 1e9, total_experts)  # the balanced hash of these counts
     rows = []
     for ranks in (2, 4, 8):
         for tokens in (4096, 16384):
@@ -250,8 +247,9 @@ def run_wire(args, vocab=32000, num_experts=64):
                     pad = (torch.arange(tokens) % 512) >= round(512 * (1 - pad_share))
                     pad = pad.expand(ranks, tokens)
                     needed += int((~pad).sum())
-                    before += padded_rows(experts.masked_fill(pad, 0), num_experts, ranks)
-                    now += padded_rows(experts.masked_fill(pad, num_experts), num_experts, ranks)
+                    before += padded_rows(experts.masked_fill(pad, 0), total_experts, ranks)
+                    now += padded_rows(experts.masked_fill(pad, total_experts), total_experts,
+                                       ranks)
                 rows.append({"ranks": ranks, "tokens_per_rank": tokens, "padding": pad_share,
                              "rows_needed": needed / draws, "padded_before": before / draws,
                              "padded_now": now / draws, "exact": needed / draws})

@@ -23,6 +23,7 @@ from ...errors import HashConfigError
 from ..fairseq_runner import run_fairseq
 from ..user_dir import user_dir
 from .layer_cases import LAYER_IMPLS, LEARNED_ROUTERS
+from .options import prepared_data
 
 logger = logging.getLogger("fairseq_hash.bench")
 
@@ -72,10 +73,7 @@ def fairseq_train_speed(data_bin, extra, args, device, log_path):
 
 
 def run_train(args, device) -> List[dict]:
-    from ..data.prepare import prepare
-
-    os.makedirs(args.work_dir, exist_ok=True)
-    data_bin = args.data_bin or prepare(os.path.join(args.work_dir, "data"))
+    data_bin = prepared_data(args)
     models = train_models(args.experts, args.impls)
     runs = [(label, K, extra + ["--optimizer", optimizer], optimizer)
             for optimizer in args.optimizer for label, K, extra in models]

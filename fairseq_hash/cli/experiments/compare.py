@@ -30,7 +30,8 @@ from ..command import command
 from ..fairseq_runner import device_flags, json_record, run_fairseq
 from ..tool_env import OPTIMIZER_HELP, TRAIN_OPTIMIZERS
 from ..user_dir import user_dir
-from .options import check_positive, fill_presets, parse_names, preset_flags
+from .options import (add_width_flags, check_positive, check_widths, fill_presets,
+                      parse_names, preset_flags)
 from .results import (figure, fmt, format_spread, markdown_table, over_seeds, plot_spread,
                       recorded_path, seed_list, settings_line, write_json)
 
@@ -304,9 +305,7 @@ def build_parser():
     add("--experts", help="K, experts per routed layer; a comma-separated list "
         "(e.g. 4,16) trains every routed model once per K")
     add("--layers", type=int, help="decoder layers")
-    add("--embed-dim", type=int, help="model width d")
-    add("--ffn-dim", type=int, help="FFN hidden width, of the dense FFN and of each expert")
-    add("--heads", type=int, help="attention heads")
+    add_width_flags(add)
     add("--hash-layer", help="0-based decoder layers whose FFN is routed "
         "(comma-separated, negative from the end), the same for every routed model")
     add("--tokens-per-sample", type=int, help="tokens in each training block")
@@ -341,10 +340,9 @@ def resolve(args):
     fill_presets(args, PRESETS)
     args.model_list = parse_names("--models", args.models, MODELS)
     args.expert_list = parse_experts(args.experts)
-    check_positive(args, ("seeds", "layers", "embed_dim", "ffn_dim", "heads", "tokens_per_sample",
-                          "max_tokens", "max_update", "validate_every", "warmup_updates", "vocab_size"))
-    if args.embed_dim % args.heads:
-        raise HashConfigError(f"--embed-dim {args.embed_dim} must be a multiple of --heads {args.heads}")
+    check_positive(args, ("seeds", "layers", "tokens_per_sample", "max_tokens", "max_update",
+                          "validate_every", "warmup_updates", "vocab_size"))
+    check_widths(args)
     if args.max_tokens < args.tokens_per_sample:
         raise HashConfigError(f"--max-tokens {args.max_tokens} must be at least --tokens-per-sample "
                               f"{args.tokens_per_sample}")

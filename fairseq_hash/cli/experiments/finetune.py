@@ -34,7 +34,8 @@ from ..command import command
 from . import finetune_classify as classify
 from . import finetune_seq2seq as seq2seq
 from .finetune_stages import SPLITS
-from .options import check_positive, fill_presets, parse_names, preset_flags
+from .options import (add_width_flags, check_positive, check_widths, fill_presets,
+                      parse_names, preset_flags)
 from .results import figure, fmt, settings_line, write_json
 
 # the models of both tasks (each task's MODELS says how fairseq-train builds them)
@@ -97,9 +98,7 @@ def build_parser():
     add("--vocab-size", type=int, help="sentencepiece vocabulary size")
     add("--layers", type=int, help="encoder layers (and decoder layers of the "
         "seq2seq models)")
-    add("--embed-dim", type=int, help="model width d")
-    add("--ffn-dim", type=int, help="FFN hidden width, of the dense FFN and of each expert")
-    add("--heads", type=int, help="attention heads")
+    add_width_flags(add)
     add("--experts", type=int, help="K, experts of each hash layer")
     add("--hash-layer", help="0-based encoder (and seq2seq decoder) layers whose "
         "FFN is hashed (comma-separated, negative from the end)")
@@ -134,13 +133,11 @@ def resolve(args):
                               "model; add dense")
     args.model_list.sort(key=list(MODELS).index)  # dense is pretrained before it is upcycled
     args.task_list = parse_names("--tasks", args.tasks, TASKS)
-    check_positive(args, ("classes", "layers", "embed_dim", "ffn_dim", "heads", "max_positions",
-                          "max_tokens", "pretrain_updates", "finetune_updates", "validate_every",
-                          "warmup_updates", "vocab_size"))
+    check_positive(args, ("classes", "layers", "max_positions", "max_tokens", "pretrain_updates",
+                          "finetune_updates", "validate_every", "warmup_updates", "vocab_size"))
     if args.experts < 2:
         raise HashConfigError(f"--experts {args.experts}: must be at least 2")
-    if args.embed_dim % args.heads:
-        raise HashConfigError(f"--embed-dim {args.embed_dim} must be a multiple of --heads {args.heads}")
+    check_widths(args)
     if args.max_tokens < args.max_positions:
         raise HashConfigError(f"--max-tokens {args.max_tokens} must be at least --max-positions "
                               f"{args.max_positions}")
