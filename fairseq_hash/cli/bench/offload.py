@@ -192,7 +192,7 @@ def measure(opts, checkpoint, data, task, offload, cache, cold):
     speed = "tokens_per_s" if task == "eval" else "sentences_per_s"
     median = statistics.median_low([r[speed] for r in runs])
     out = dict(next(r for r in runs if r[speed] == median))
-    out.update(runs=runs, load=[min(r["load"][0] for r in runs), max(r["load"][1] for r in runs)])
+    out.update(runs=runs, load=[runs[0]["load"][0], runs[-1]["load"][1]])
     return out
 
 
@@ -278,9 +278,9 @@ def main(argv=None):
             row = dict(model=name, cold=cold, cache=opts.cache, eval=ev, generate=gen)
             rows.append(row)
             both = [ev] + ([gen] if gen else [])
-            load = [min(r["load"][0] for r in both), max(r["load"][1] for r in both)]
+            load = [both[0]["load"][0], both[-1]["load"][1]]  # before the first, after the last
             print(f"| {name} | {'cold' if cold else 'warm'} | {ev['tokens_per_s']:.0f} | "
-                  f"{gen['sentences_per_s'] if gen else float('nan'):.2f} | "
+                  f"{format(gen['sentences_per_s'], '.2f') if gen else '-'} | "
                   f"{max(r['peak_rss_mb'] for r in both):.0f} | "
                   f"{max(r['cache_peak_mb'] for r in both):.0f} | "
                   f"{ev['expert_read_mb']:.0f} | {ev['disk_read_mb']:.0f} | "
