@@ -115,7 +115,8 @@ class ExpertCache:
     # -- using experts
     def get(self, key: tuple) -> _Entry:
         """Expert ``key`` loaded and pinned; waits for the loader where it will load it."""
-        self.sources[key[0]].check_files()  # a loaded expert may be served where it is mapped
+        if self.target[1].type == "cpu":  # on CPU a loaded expert may be served where it is mapped
+            self.sources[key[0]].check_files()
         with self.cond:
             if key in self.planned:
                 while self.planned[0] != key:  # skipped: not needed after all
