@@ -192,6 +192,19 @@ def test_a_loaded_expert_is_served_where_it_is_mapped_and_given_back_when_droppe
     assert given_back == [k for k in kept if k[0] == kept[0][0]]
 
 
+def test_experts_of_another_dtype_than_the_file_are_copied_and_score_as_resident(tmp_path):
+    data = hashfns_data_dir(str(tmp_path / "data"))
+    path = save_checkpoint(str(tmp_path / "ckpt"), data, "--hash-type", "random")
+    resident = hub(path, data).to(torch.bfloat16)
+    lm = hub(path, data, hash_offload_experts="prefetch", hash_expert_cache="3").to(torch.bfloat16)
+    batch = padded_batch(resident.task.dictionary, [9, 5, 7])
+    assert torch.equal(scores(lm, batch), scores(resident, batch))
+    mappings = file_mappings()
+    rows = [row for entry in cache_of(lm).entries.values() for row in entry.rows]
+    assert rows and all(row.dtype == torch.bfloat16 and backing_file(row, mappings) is None
+                        for row in rows)
+
+
 def test_the_loader_waits_for_a_computing_turn_rather_than_evict_what_the_plan_reads_again():
     cache, _ = small_cache(4, "2")
     cache.get(("a", 0))  # pinned by the turn computing; the plan does not use it again
