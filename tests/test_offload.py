@@ -441,3 +441,41 @@ def test_offload_flags_that_cannot_be_served_are_one_line_errors(values, message
 
     with pytest.raises(HashConfigError, match=message):
         HashLayerSpec(**values).validate(ffn_dim=32)
+
+
+class FakeUse:
+    """A CUDA event's ``query``/``synchronize``, for the device's last use of an expert."""
+
+    def __init__(self):
+        self.done = False
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.done = True
+
+
+def test_an_expert_the_device_still_reads_keeps_its_bytes_until_it_is_done():
+    """(CUDA) the host runs ahead: an expert dropped while the device may still read it
+    counts against the bound until its last use is done, and room waits for that."""
+    cache, tensors = small_cache(4, "2")
+    for e in (0, 1):
+        cache.get(("a", e))
+        cache.release(("a", e))
+    uses = {e: FakeUse() for e in (0, 1)}
+    for e, use in uses.items():
+        cache.entries[("a", e)].used = use
+    full = cache.stats["resident_bytes"]
+    with cache.cond:
+        cache._drop(("a", 0))  # dropped, but the device still reads it
+    assert cache.stats["resident_bytes"] == full and len(cache.retiring) == 1
+    with cache.cond:  # room for one: waits for the device's use of 0, keeps 1 loaded
+        assert cache._make_room(cache.expert_bytes("a"), before=None)
+        cache._insert(("a", 2), cache.expert_bytes("a"))
+    assert uses[0].done and not cache.retiring and ("a", 1) in cache.entries
+    uses[1].done = True
+    with cache.cond:  # one whose use is done goes at once
+        cache._drop(("a", 1))
+    assert not cache.retiring and cache.stats["resident_bytes"] == cache.expert_bytes("a")
+    assert cache.stats["peak_bytes"] <= cache.capacity

@@ -21,11 +21,12 @@ _CACHES = weakref.WeakSet()  # every cache of the process, for offload_stats()
 
 
 class _Entry:
-    __slots__ = ("rows", "nbytes", "ready", "pins", "error", "event")
+    # event: (CUDA) its copy is done; used: (CUDA) the forward's last use of it is done
+    __slots__ = ("rows", "nbytes", "ready", "pins", "error", "event", "used")
 
     def __init__(self, nbytes):
         self.rows, self.nbytes, self.ready, self.pins = None, nbytes, False, 0
-        self.error, self.event = None, None
+        self.error, self.event, self.used = None, None, None
 
 
 class ExpertCache:
@@ -50,6 +51,9 @@ class ExpertCache:
         self.planned = collections.deque()  # keys the current forward will use, in order
         self.advised = set()  # planned keys whose reading the kernel was asked to start
         self.computing = False  # a layer computes a turn: its pinned experts are soon free
+        # (CUDA) dropped experts the device may still read: (key, entry), oldest first;
+        # their bytes count until it is done, so device memory stays within the bound
+        self.retiring = collections.deque()
         self.cond = threading.Condition()
         self.target = (torch.float32, torch.device("cpu"))  # dtype and device of loaded experts
         self.loader = None
@@ -166,6 +170,8 @@ class ExpertCache:
             entry = self.entries.get(key)
             if entry is not None:
                 entry.pins -= 1
+                if entry.pins == 0 and self.target[1].type == "cuda":
+                    entry.used = cuda.used_until(self.target[1])
             self.cond.notify_all()
 
     # -- bookkeeping (with self.cond held)
@@ -178,6 +184,7 @@ class ExpertCache:
     def _make_room(self, nbytes: int, before: Optional[int]) -> bool:
         """Evict until ``nbytes`` fit; only experts next used after position
         ``before`` of the plan (None: any unpinned one). False if they cannot fit."""
+        self._reap()
         next_use = self._next_use()
         never = len(self.planned) + 1
         victims = sorted(
@@ -185,7 +192,8 @@ class ExpertCache:
              if e.pins == 0 and e.ready and (before is None or next_use.get(k, never) > before)),
             key=lambda k: -next_use.get(k, never))  # furthest first; stable: least recent first
         free = self.capacity - self.stats["resident_bytes"]
-        if free + sum(self.entries[k].nbytes for k in victims) < nbytes:
+        retiring = sum(e.nbytes for _, e in self.retiring)
+        if free + retiring + sum(self.entries[k].nbytes for k in victims) < nbytes:
             return False
         if before is not None and self.computing:
             # rather than evict an expert the plan uses again (to read it twice),
@@ -195,10 +203,13 @@ class ExpertCache:
             if unused < nbytes <= unused + soon:
                 return False
         for key in victims:
-            if free >= nbytes:
+            if free + retiring >= nbytes:
                 break
             free += self.entries[key].nbytes
             self._drop(key)
+        while self.retiring and self.capacity - self.stats["resident_bytes"] < nbytes:
+            self.retiring[0][1].used.synchronize()  # the device reads it still: wait for it
+            self._reap()
         return True
 
     def _insert(self, key, nbytes) -> _Entry:
@@ -209,9 +220,22 @@ class ExpertCache:
 
     def _drop(self, key):
         entry = self.entries.pop(key)
+        if entry.used is not None and not entry.used.query():
+            self.retiring.append((key, entry))  # the device still reads it: see _reap
+            return
+        self._forget(key, entry)
+
+    def _forget(self, key, entry):
         self.stats["resident_bytes"] -= entry.nbytes
         if entry.ready and entry.rows is not None:
             self.sources[key[0]].forget(key[1], entry.rows)
+
+    def _reap(self):
+        """Forget the dropped experts the device is done with (CUDA: the host runs
+        ahead of the device, which may still read an expert the cache dropped)."""
+        for key, entry in [r for r in self.retiring if r[1].used.query()]:
+            self.retiring.remove((key, entry))
+            self._forget(key, entry)
 
     def _next_to_load(self):
         """The first planned expert not loaded, if room can be made for it."""

@@ -42,6 +42,12 @@ def copied(stream) -> torch.cuda.Event:
     return event
 
 
+def used_until(device: torch.device) -> torch.cuda.Event:
+    """An event after the work queued so far on the forward's stream: once it fires,
+    the device no longer reads an expert that work used."""
+    return copied(torch.cuda.current_stream(device))
+
+
 def wait_for(entries, device: torch.device):
     """Make the forward's stream wait for the loaded ``entries``' copies."""
     stream = torch.cuda.current_stream(device)
