@@ -479,3 +479,16 @@ def test_an_expert_the_device_still_reads_keeps_its_bytes_until_it_is_done():
         cache._drop(("a", 1))
     assert not cache.retiring and cache.stats["resident_bytes"] == cache.expert_bytes("a")
     assert cache.stats["peak_bytes"] <= cache.capacity
+
+
+def test_loaders_stop_before_the_process_exits(tmp_path):
+    from fairseq_hash.offload import cache as cache_module
+
+    data = hashfns_data_dir(str(tmp_path / "data"))
+    path = save_checkpoint(str(tmp_path / "ckpt"), data)
+    lm = hub(path, data, hash_offload_experts="prefetch", hash_expert_cache="2")
+    scores(lm, padded_batch(lm.task.dictionary, [9, 5, 7]))
+    loader = cache_of(lm).loader
+    assert loader is not None and loader.is_alive()  # idle, waiting for the next plan
+    cache_module._stop_loaders()  # what atexit runs
+    assert not loader.is_alive() and cache_of(lm).loader is None

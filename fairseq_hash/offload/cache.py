@@ -5,6 +5,7 @@ Knowing the exact order of use of the coming forward, the cache evicts the
 expert used furthest in the future (Belady's rule), experts no longer planned
 first, least recently used first among those.
 """
+import atexit
 import collections
 import threading
 import weakref
@@ -54,6 +55,7 @@ class ExpertCache:
         # (CUDA) dropped experts the device may still read: (key, entry), oldest first;
         # their bytes count until it is done, so device memory stays within the bound
         self.retiring = collections.deque()
+        self.closing = False  # the process exits: the loader stops
         self.cond = threading.Condition()
         self.target = (torch.float32, torch.device("cpu"))  # dtype and device of loaded experts
         self.loader = None
@@ -307,6 +309,9 @@ def _load_ahead(cache_ref):
         if cache is None:
             return
         with cache.cond:
+            if cache.closing:  # the process exits (_stop_loaders)
+                cache.loader = None
+                return
             ahead = cache._to_read_ahead() if cache.target[1].type == "cpu" else []
             job = cache._next_to_load()
             if job is None and not ahead:
@@ -320,6 +325,20 @@ def _load_ahead(cache_ref):
         if job is not None:
             cache._fill(*job)
         del cache
+
+
+@atexit.register
+def _stop_loaders():
+    """At exit, each loader ends before the interpreter and torch tear down: a loader
+    still inside a CUDA call then would abort the process (seen on an H200: every test
+    passed, then "terminate called without an active exception")."""
+    for cache in list(_CACHES):
+        with cache.cond:
+            cache.closing = True
+            cache.cond.notify_all()
+            loader = cache.loader
+        if loader is not None and loader is not threading.current_thread():
+            loader.join(timeout=10)
 
 
 def offload_stats() -> Dict[str, int]:
