@@ -98,7 +98,7 @@ class ExpertCache:
         largest = max(self.expert_bytes(layer) for layer in self.sources)
         kind, value = self.capacity_spec
         if kind == "experts":
-            value = value or max(s.num_experts for s in self.sources.values())
+            value = value or max(s.total_experts for s in self.sources.values())
             return int(value) * largest
         if value < largest:
             raise HashConfigError(

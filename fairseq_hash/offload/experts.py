@@ -23,18 +23,18 @@ class OffloadedExperts(nn.Module):
     tensors to the cache as this layer's source. Inference only.
 
     Args:
-        num_experts, embed_dim, ffn_dim (int): K, d, f, as for ExpertFFN
+        total_experts, embed_dim, ffn_dim (int): K, d, f, as for ExpertFFN
         cache (ExpertCache): shared by the offloaded layers of one encoder or decoder
     """
 
-    def __init__(self, num_experts: int, embed_dim: int, ffn_dim: int, cache: ExpertCache):
+    def __init__(self, total_experts: int, embed_dim: int, ffn_dim: int, cache: ExpertCache):
         super().__init__()
-        self.local_experts = self.total_experts = num_experts
+        self.local_experts = self.total_experts = total_experts
         self.first_expert = 0
-        self.shapes = dict(fc1_weight=(num_experts, ffn_dim, embed_dim),
-                           fc1_bias=(num_experts, ffn_dim),
-                           fc2_weight=(num_experts, embed_dim, ffn_dim),
-                           fc2_bias=(num_experts, embed_dim))
+        self.shapes = dict(fc1_weight=(total_experts, ffn_dim, embed_dim),
+                           fc1_bias=(total_experts, ffn_dim),
+                           fc2_weight=(total_experts, embed_dim, ffn_dim),
+                           fc2_bias=(total_experts, embed_dim))
         self.cache = cache
         self.key = None  # the layer's name in the cache: its state-dict prefix
         self.activation_fn = F.relu

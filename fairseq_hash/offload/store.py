@@ -36,7 +36,7 @@ class ExpertSource:
         self.pieces = [v if isinstance(v, list) else [(0, v)]
                        for v in (tensors[n] for n in EXPERT_PARAMS)]
         self.name = name
-        self.num_experts = sum(t.size(0) for _, t in self.pieces[0])
+        self.total_experts = sum(t.size(0) for _, t in self.pieces[0])
         mappings = file_mappings()
         # per parameter, per piece: (first row, tensor, file, offset of its first row)
         self.pieces = [[(first, t, *file_position(t, mappings)) for first, t in pieces]
@@ -65,8 +65,8 @@ class ExpertSource:
 
     def _rows(self, expert: int):
         """Per parameter: (its row of ``expert``, the file it is mapped from, the row's offset)."""
-        if not 0 <= expert < self.num_experts:
-            raise IndexError(f"{self.name}: expert {expert} of {self.num_experts}")
+        if not 0 <= expert < self.total_experts:
+            raise IndexError(f"{self.name}: expert {expert} of {self.total_experts}")
         for pieces in self.pieces:
             first, t, path, offset = next(p for p in pieces if p[0] <= expert < p[0] + p[1].size(0))
             row = t[expert - first]
