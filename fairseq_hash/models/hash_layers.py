@@ -141,13 +141,27 @@ class HashLayers:
             return {}
         return dict(zip(planned, plan_hash_dispatch(list(planned.values()), inputs)))
 
+    def announce_next(self, tokens):
+        """(offloaded experts, prefetch) The token ids of the forward pass after the
+        next one to start, known ahead (fairseq-eval-lm's next batch:
+        ``offload/lookahead.py``): when that next pass starts, the experts of this
+        following one are announced after its own, and load as the cache frees room."""
+        self.next_tokens = tokens
+
+    def _plan_following(self):
+        tokens, self.next_tokens = getattr(self, "next_tokens", None), None
+        if tokens is None:
+            return {}
+        return self.plan_dispatch(self.route_inputs(tokens.to(self.embed_tokens.weight.device)))
+
     @contextmanager
     def routing(self, inputs: RouteInputs):
         """Give every hash layer the route of one forward pass (see fairseq_surgery)."""
         self.gradient_sync.begin()
         plans = self.plan_dispatch(inputs)
         if getattr(self, "expert_cache", None) is not None:
-            plans = plan_prefetch(self.moe_layers, plans)  # loads start now
+            # loads start now: this pass's experts, then the following pass's if known
+            plans = plan_prefetch(self.moe_layers, plans, self._plan_following())
         for idx, moe in self.moe_layers.items():
             moe.route = Route(inputs, plans.get(idx))
         try:

@@ -1,6 +1,8 @@
 """The offloaded layer's experts: :class:`OffloadedExperts` takes the place of
 ``ExpertFFN`` in a MoE layer; :func:`plan_prefetch` announces a forward's
 experts to the cache."""
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -154,9 +156,11 @@ class OffloadedExperts(nn.Module):
         y.copy_(grouped_mm.linear(h, w2, b2, rows))
 
 
-def plan_prefetch(moe_layers, plans: dict) -> dict:
+def plan_prefetch(moe_layers, plans: dict, following: Optional[dict] = None) -> dict:
     """Every offloaded hash layer's experts for one forward pass, in its ``LayerPlan``
-    (``experts``), announced to the cache in the order the layers will use them.
+    (``experts``), announced to the cache in the order the layers will use them;
+    then, if ``following`` holds the plans of the pass after it (known ahead:
+    ``offload/lookahead.py``), that pass's experts, in the same order.
 
     ``moe_layers`` maps layer index -> MoELayer in the order they run; ``plans``
     (layer index -> LayerPlan) hold each hash layer's counts, computed from the
@@ -164,15 +168,18 @@ def plan_prefetch(moe_layers, plans: dict) -> dict:
     experts with rows are exactly those the layer will use. Returns ``plans``.
     """
     keys, cache = [], None
-    for idx, moe in moe_layers.items():
-        experts, plan = moe.experts, plans.get(idx)
-        if (plan is None or plan.counts is None or not isinstance(experts, OffloadedExperts)
-                or not experts.cache.prefetch or experts.key is None):
-            continue
-        experts.prepare()
-        plan.experts = [e for e, n in enumerate(plan.counts) if n]
-        keys += [(experts.key, e) for e in plan.experts]
-        cache = experts.cache
+    for pass_plans, this_pass in ((plans, True), (following or {}, False)):
+        for idx, moe in moe_layers.items():
+            experts, plan = moe.experts, pass_plans.get(idx)
+            if (plan is None or plan.counts is None or not isinstance(experts, OffloadedExperts)
+                    or not experts.cache.prefetch or experts.key is None):
+                continue
+            experts.prepare()
+            needed = [e for e, n in enumerate(plan.counts) if n]
+            if this_pass:
+                plan.experts = needed
+            keys += [(experts.key, e) for e in needed]
+            cache = experts.cache
     if cache is not None:
         cache.plan(keys)
     return plans
