@@ -30,6 +30,9 @@ One module a job, in the order data flows:
   (in turns when they do not fit in the cache together) and computes each
   expert's rows with the same products, in the same groups, as ``ExpertFFN``
   on CPU. :func:`plan_prefetch` announces a forward's experts to the cache.
+- ``lookahead``: fairseq-eval-lm's next batch told to the offloaded models
+  before the current one runs (:func:`~.lookahead.announce_ahead`), so that
+  its experts load while this batch finishes.
 - ``cuda``: on CUDA the sources are pinned in host memory on first use and
   the loader copies the needed experts on a side stream; the forward waits on
   that copy's event.

@@ -62,13 +62,13 @@ def save_untrained_checkpoint(path: str, argv):
     return path
 
 
-def write_data(folder, lines=1200, vocab=2000, seed=0):
+def write_data(folder, lines=1200, vocab=2000, seed=0, test=None):
     """Zipf-distributed sentences, preprocessed for language_modeling into ``folder/data-bin``."""
     rng = random.Random(seed)
     weights = [1.0 / (i + 1) for i in range(vocab)]
     raw = os.path.join(folder, "raw")
     os.makedirs(raw, exist_ok=True)
-    for split, n in (("train", lines), ("valid", lines // 10), ("test", lines // 4)):
+    for split, n in (("train", lines), ("valid", lines // 10), ("test", test or lines // 4)):
         with open(os.path.join(raw, f"{split}.txt"), "w") as f:
             for _ in range(n):
                 words = rng.choices(range(vocab), weights, k=rng.randint(8, 30))
@@ -225,6 +225,10 @@ def main(argv=None):
                         help="--hash-expert-cache of the table's rows (default 64: half the experts)")
     parser.add_argument("--sweep", nargs="*", default=["16", "32", "64", "128"],
                         help="cache sizes of the speed-against-cache rows (cold eval; none: skip)")
+    parser.add_argument("--test-sentences", type=int, default=300,
+                        help="sentences of the test split eval-lm scores (default 300: about "
+                        "5,800 tokens, 3 batches); more batches amortise the first batch, "
+                        "whose first hash layer's experts nothing can load ahead of")
     parser.add_argument("--sentences", type=int, default=8,
                         help="prompts of the beam-5 generation (default 8)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -253,7 +257,7 @@ def main(argv=None):
     work = opts.workdir or tempfile.mkdtemp(prefix="bench_offload_")
     data = os.path.join(work, "data-bin")
     if not os.path.isdir(data):
-        data = write_data(work)
+        data = write_data(work, test=opts.test_sentences)
     checkpoints = {}
     for router in ("hash", "switch"):
         path = os.path.join(work, f"{router}.pt")
