@@ -294,9 +294,9 @@ class BaseRouter(nn.Module):
     In training, fairseq's auction solver (``fairseq.libbase``; a greedy
     fallback where that is not built) assigns the S
     tokens to the K experts maximising total affinity with every expert taking
-    S/K of them (when K does not divide S, a few rows of equal affinity are
-    appended for the solver and removed after, so loads differ by at most
-    one). At evaluation each token takes its best expert. The expert output is
+    S/K of them (when K does not divide S, a few rows, each wanting one other expert
+    above any token, are appended for the solver and removed after, so loads
+    differ by at most one). At evaluation each token takes its best expert. The expert output is
     scaled by ``sigmoid(x . c_e)``: BASE mixes ``a * (x + f(x)) + (1 - a) * x``,
     which is ``x + a * f(x)`` with the layer's residual outside. There is no
     auxiliary loss; the centroids learn through that scale. fairseq's own
@@ -331,7 +331,11 @@ class BaseRouter(nn.Module):
             scores = scores.masked_fill(~ok, scores[ok].min() if ok.any() else 0.0)
         pad = (-S) % K
         if pad:  # the solver needs K to divide S and loops forever otherwise
-            scores = torch.cat([scores, scores.new_full((pad, K), float(scores.min()) - 1)])
+            # pad row j wants expert j above any real pair and no other: the pads
+            # (fewer than K) take one place of distinct experts with either solver
+            rows = scores.new_full((pad, K), float(scores.min()) - 1)
+            rows[torch.arange(pad), torch.arange(pad)] = float(scores.max()) + 1
+            scores = torch.cat([scores, rows])
         order = balanced_assignment(scores.contiguous())  # [S'] grouped by expert
         expert = torch.empty_like(order)
         expert[order] = torch.arange(order.numel()) // (order.numel() // K)
