@@ -321,6 +321,10 @@ def test_eval_lm_word_scores_equal_with_model_overrides(corpus_checkpoint):
                 and "model params" not in l]  # experts are no parameters when offloaded
 
     assert len(words(resident)) > 10 and words(offloaded) == words(resident)
+    # fairseq-eval-lm's batches pass through offload/lookahead.py
+    announced = "each next batch's experts are announced ahead"
+    assert announced in offloaded.stdout + offloaded.stderr
+    assert announced not in resident.stdout + resident.stderr
 
 
 def test_interactive_beam5_hypotheses_equal_with_model_overrides(corpus_checkpoint):

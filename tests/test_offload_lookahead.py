@@ -3,6 +3,7 @@ pass through announce_ahead, and a decoder told the next pass's tokens loads tha
 pass's experts after its own, with the same scores."""
 import time
 
+import pytest
 import torch
 
 from hashfns_util import hashfns_data_dir
@@ -84,3 +85,16 @@ def test_the_next_pass_experts_load_before_it_starts_and_scores_stay_equal(tmp_p
     loads = cache.stats["loads"] + cache.stats["demand_loads"]
     assert torch.equal(scores(lm, second), want[1])
     assert cache.stats["loads"] + cache.stats["demand_loads"] == loads  # nothing read again
+
+
+@pytest.mark.integration
+def test_the_plugin_wraps_eval_lm_where_it_runs_and_imports_no_fairseq_cli():
+    import subprocess
+    import sys
+
+    code = ("import sys, fairseq_hash; print('fairseq_cli.eval_lm' in sys.modules); "
+            "import fairseq_cli.eval_lm as m; fairseq_hash.install_eval_lm_lookahead(); "
+            "print(getattr(m.eval_lm, '_fairseq_hash', False))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "True"]

@@ -15,11 +15,15 @@ pass's as the cache frees room. Nothing is guessed: the next batch is the one
 eval-lm scores next.
 
 :func:`install_eval_lm_lookahead` wraps ``fairseq_cli.eval_lm.eval_lm`` (called
-by its ``main`` by name), once, when the plugin is imported. It is inert
-unless a model serves offloaded experts with ``prefetch``.
+by its ``main`` by name), once, when the plugin is imported inside
+fairseq-eval-lm. It is inert unless a model serves offloaded experts with
+``prefetch``.
 """
 import functools
+import logging
 from typing import Iterable, Iterator
+
+logger = logging.getLogger(__name__)
 
 
 def _prefetching_sides(models):
@@ -39,6 +43,7 @@ def announce_ahead(batches: Iterable[dict], models) -> Iterator[dict]:
     if not sides:
         yield from batches
         return
+    logger.info("offloaded experts: each next batch's experts are announced ahead")
     batches = iter(batches)
     current = next(batches, None)
     while current is not None:
@@ -52,16 +57,25 @@ def announce_ahead(batches: Iterable[dict], models) -> Iterator[dict]:
 
 
 def install_eval_lm_lookahead():
-    from fairseq_cli import eval_lm as module
+    """Wrap eval-lm's ``eval_lm`` where fairseq-eval-lm runs: the module is imported
+    already when the plugin is (fairseq imports ``--user-dir`` inside its ``main``).
+    Never imported here: fairseq_cli's modules point the root logger at stdout on
+    import, which would put fairseq's log lines into any program's output."""
+    import sys
 
-    plain = module.eval_lm
-    if getattr(plain, "_fairseq_hash", False):
-        return
+    modules = [sys.modules.get("fairseq_cli.eval_lm"), sys.modules.get("__main__")]
+    for module in modules:  # the console script's module; or ``python -m fairseq_cli.eval_lm``
+        spec = getattr(module, "__spec__", None)
+        if module is None or getattr(spec, "name", None) != "fairseq_cli.eval_lm":
+            continue
+        plain = module.eval_lm
+        if getattr(plain, "_fairseq_hash", False):
+            continue
 
-    @functools.wraps(plain)
-    def eval_lm(models, source_dictionary, batch_iterator, *args, **kwargs):
-        return plain(models, source_dictionary, announce_ahead(batch_iterator, models),
-                     *args, **kwargs)
+        @functools.wraps(plain)
+        def eval_lm(models, source_dictionary, batch_iterator, *args, plain=plain, **kwargs):
+            return plain(models, source_dictionary, announce_ahead(batch_iterator, models),
+                         *args, **kwargs)
 
-    eval_lm._fairseq_hash = True
-    module.eval_lm = eval_lm
+        eval_lm._fairseq_hash = True
+        module.eval_lm = eval_lm

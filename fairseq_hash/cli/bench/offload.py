@@ -143,6 +143,8 @@ def child(opts):
     if opts.task == "eval":
         import fairseq_cli.eval_lm as eval_lm
 
+        # as in fairseq-eval-lm, where the plugin is imported after this module
+        fairseq_hash.install_eval_lm_lookahead()
         plain, measured = eval_lm.eval_lm, {}
 
         def timed(*args, **kwargs):
