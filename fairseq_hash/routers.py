@@ -294,11 +294,12 @@ class BaseRouter(nn.Module):
     In training, fairseq's auction solver (``fairseq.libbase``; a greedy
     fallback where that is not built) assigns the S
     tokens to the K experts maximising total affinity with every expert taking
-    S/K of them (when K does not divide S, a few rows, each wanting one other expert
-    above any token, are appended for the solver and removed after, so loads
-    differ by at most one). At evaluation each token takes its best expert. The expert output is
-    scaled by ``sigmoid(x . c_e)``: BASE mixes ``a * (x + f(x)) + (1 - a) * x``,
-    which is ``x + a * f(x)`` with the layer's residual outside. There is no
+    S/K of them (when K does not divide S, a few rows, each wanting one other
+    expert above any token, are appended for the solver and removed after, so
+    loads differ by at most one). At evaluation each token takes its best
+    expert. The expert output is scaled by ``sigmoid(x . c_e)``: BASE mixes
+    ``a * (x + f(x)) + (1 - a) * x``, which is ``x + a * f(x)`` with the
+    layer's residual outside. There is no
     auxiliary loss; the centroids learn through that scale. fairseq's own
     ``BaseLayer`` needs a process group and holds one expert per worker, so
     only its solver is used here.

@@ -145,7 +145,6 @@ class OffloadedExperts(nn.Module):
         hidden = self.activation_dropout(self.activation_fn(hidden))
         for_expert_groups(x.device, counts, linear(hidden, y, 2, 3), only=entries.keys())
 
-
     def _compute_grouped(self, x, y, counts, entries):
         """As ``ExpertFFN`` computes on CUDA in bf16: torch's fused grouped product, over
         the turn's experts stacked (a copy on the device), with their rows' counts."""
