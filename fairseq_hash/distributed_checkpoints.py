@@ -30,12 +30,14 @@ import contextlib
 import functools
 import logging
 import os
+import zipfile
 
 import torch
 import torch.distributed as dist
 from fairseq import checkpoint_utils
 
 from . import expert_shards
+from .errors import HashConfigError
 from .experts import ExpertFFN
 from .offload import loading as offload_loading
 
@@ -252,6 +254,32 @@ def _forget_saved_layout(state, overrides):
                         f"--model-overrides \"{{'moe_expert_parallel_size': P}}\")")
 
 
+def _raised_by_torch_load(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(os.path.join("torch", "serialization.py")):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+@contextlib.contextmanager
+def read_errors(path: str):
+    """Around fairseq's read of checkpoint ``path``: a file torch cannot read
+    because it is no whole zip archive (cut off by a copy or a killed save, or
+    no checkpoint at all) is refused in one line; torch's own error is a
+    traceback of some 60 lines that ends in miniz's, EOFError or a pickle error.
+    Any other error keeps its traceback."""
+    try:
+        yield
+    except Exception as exc:
+        if not _raised_by_torch_load(exc) or (os.path.isfile(path) and zipfile.is_zipfile(path)):
+            raise
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise HashConfigError(f"cannot read the checkpoint {path} ({reason}): the file is "
+                              f"truncated or not a checkpoint") from None
+
+
 def install_checkpoint_loading():
     """Sharded and one-file checkpoints, on any number of ranks: installed with
     the plugin, before fairseq loads anything. ``load_checkpoint_to_cpu`` (every
@@ -272,21 +300,25 @@ def install_checkpoint_loading():
     impossible for the reading one. With ``hash_offload_experts`` among the
     overrides, fairseq's read maps the file (:func:`offload.loading.mapped_read`),
     and the experts of the state, shards resolved, stay mapped from their files
-    (:func:`offload.loading.map_if_asked`), and a file torch cannot
-    read is refused in one line (:func:`offload.loading.read_errors`).
+    (:func:`offload.loading.map_if_asked`). A file torch cannot read is
+    refused in one line (:func:`read_errors`), and ``load_model_ensemble_and_task``
+    names the file of an ensemble that a refusal is about.
     """
     if getattr(checkpoint_utils.load_checkpoint, "_fairseq_hash", False):
         return
     to_cpu, load = checkpoint_utils.load_checkpoint_to_cpu, checkpoint_utils.load_checkpoint
+    ensemble = checkpoint_utils.load_model_ensemble_and_task
+    reading = []  # the file load_checkpoint_to_cpu read last
 
     @functools.wraps(to_cpu)
     def load_checkpoint_to_cpu(path, arg_overrides=None, *args, **kwargs):
-        with offload_loading.read_errors(path, arg_overrides):
-            with offload_loading.mapped_read(arg_overrides):
-                state = to_cpu(path, arg_overrides, *args, **kwargs)
-            state = _contiguous(state)
-            _forget_saved_layout(state, arg_overrides)
-            state = expert_shards.resolve_shards(state, path)
+        reading[:] = [path]
+        offload_loading.check_asked_mode(arg_overrides)
+        with read_errors(path), offload_loading.mapped_read(arg_overrides):
+            state = to_cpu(path, arg_overrides, *args, **kwargs)
+        state = _contiguous(state)
+        _forget_saved_layout(state, arg_overrides)
+        state = expert_shards.resolve_shards(state, path)
         return offload_loading.map_if_asked(state, path, arg_overrides)
 
     @functools.wraps(load)
@@ -295,6 +327,19 @@ def install_checkpoint_loading():
         keep_own_optimizer_rows(trainer)
         return result
 
+    @functools.wraps(ensemble)
+    def load_model_ensemble_and_task(filenames, *args, **kwargs):
+        # fairseq reads the files one after the other and builds each model
+        # after reading it: a refusal while building or loading is about the
+        # file read last, which an ensemble's user must be told
+        try:
+            return ensemble(filenames, *args, **kwargs)
+        except HashConfigError as exc:
+            if not reading or reading[0] in str(exc):
+                raise
+            raise HashConfigError(f"{reading[0]}: {exc}") from None
+
     load_checkpoint._fairseq_hash = True
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
     checkpoint_utils.load_checkpoint = load_checkpoint
+    checkpoint_utils.load_model_ensemble_and_task = load_model_ensemble_and_task

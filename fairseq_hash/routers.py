@@ -125,14 +125,20 @@ class HashRouter(nn.Module):
             # on this module's device (the checkpoint is read onto the CPU)
             self.table = self.table.new_empty(table.shape)
             self.missing_file = None
-        if table.shape != self.table.shape or (
-            fingerprint is not None and int(fingerprint[0]) != int(self.dict_fingerprint[0])
-        ):
+        if table.shape != self.table.shape:
+            differs = (f"{table.size(0)} rows x {table.size(1)} columns, the loaded dictionary "
+                       f"gives {self.table.size(0)} x {self.table.size(1)}")
+        elif fingerprint is not None and int(fingerprint[0]) != int(self.dict_fingerprint[0]):
+            differs = (f"as many rows as the loaded dictionary has symbols, but other symbols: "
+                       f"dictionary fingerprint {int(fingerprint[0]):x}, the loaded one's "
+                       f"{int(self.dict_fingerprint[0]):x}")
+        else:
+            differs = None
+        if differs:
             raise HashConfigError(
-                f"the hash table {prefix}table in the checkpoint ({tuple(table.shape)} rows x "
-                f"hashes) was built for another dictionary than the one loaded now "
-                f"({tuple(self.table.shape)}); load the checkpoint with the dict.txt it was "
-                f"trained with"
+                f"the hash table {prefix}table in the checkpoint was built for another "
+                f"dictionary than the one loaded now ({differs}); load the checkpoint with "
+                f"the dict.txt it was trained with"
             )
         if int(table.max()) >= self.total_experts:
             raise HashConfigError(

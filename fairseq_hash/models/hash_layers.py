@@ -47,14 +47,19 @@ def parse_hash_layers(value: str, num_layers: int, flag: str = "--hash-layer",
             f"{flag} {value!r} names no layer; give comma-separated {side} layer "
             f"indices such as 0,-1 (without hash layers, use fairseq's dense --arch)"
         )
-    layers = set()
+    layers = {}
     for i in raw:
         if not -num_layers <= i < num_layers:
             raise HashConfigError(
                 f"{flag} {i} is outside the model: with {layers_flag} "
                 f"{num_layers} valid indices are {-num_layers}..{num_layers - 1}"
             )
-        layers.add(i % num_layers)
+        if i % num_layers in layers:
+            raise HashConfigError(
+                f"{flag} {value}: {layers[i % num_layers]} and {i} name the same layer "
+                f"({i % num_layers} of {layers_flag} {num_layers}); give each layer once"
+            )
+        layers[i % num_layers] = i
     return sorted(layers)
 
 

@@ -2,8 +2,8 @@
 
 fairseq's tools and the hub interface read checkpoints through
 ``checkpoint_utils.load_checkpoint_to_cpu``; the plugin's one wrapper of it
-(``distributed_checkpoints.install_checkpoint_loading``) reads the file inside
-:func:`read_errors` and hands the state, shards resolved, to
+(``distributed_checkpoints.install_checkpoint_loading``) checks the mode with
+:func:`check_asked_mode`, reads the file and hands the state, shards resolved, to
 :func:`map_if_asked`. Both are inert unless the overrides ask for
 ``hash_offload_experts``.
 
@@ -27,21 +27,11 @@ def asked_mode(overrides) -> str:
     return (overrides or {}).get("hash_offload_experts", "none") or "none"
 
 
-@contextlib.contextmanager
-def read_errors(path: str, overrides):
-    """Around reading checkpoint ``path``: with offload asked for, the mode is
-    checked first, and a file torch cannot read is refused in one line."""
+def check_asked_mode(overrides):
+    """With offload asked for, its mode is checked before the file is read."""
     mode = asked_mode(overrides)
-    if mode == "none":
-        yield
-        return
-    check_offload_mode(mode)
-    try:
-        yield
-    except (RuntimeError, EOFError) as exc:  # torch's zip reader on a cut file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HashConfigError(f"--hash-offload-experts: cannot read the checkpoint {path} "
-                              f"({reason}); is it truncated?") from None
+    if mode != "none":
+        check_offload_mode(mode)
 
 
 @contextlib.contextmanager
