@@ -59,10 +59,17 @@ def running_as_command() -> bool:
     Python program, notebook or test runner that imports the plugin is
     neither. fairseq's tools import the plugin through ``--user-dir`` while
     parsing flags, before any model is built, so the hook is in place for
-    every error of ours.
+    every error of ours, and ``python -m fairseq_hash.cli.X`` imports it
+    before anything else.
     """
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if spec is not None and spec.name.split(".")[0] in ("fairseq_cli", "fairseq_hash"):
+    module = spec.name if spec is not None else None
+    if module is None and sys.argv[:1] == ["-m"]:
+        # ``python -m fairseq_hash.cli.X`` imports this package before it sets
+        # ``__main__``'s spec, while ``sys.argv[0]`` is still "-m"
+        argv = getattr(sys, "orig_argv", [])
+        module = argv[argv.index("-m", 1) + 1] if "-m" in argv[1:-1] else None
+    if module is not None and module.split(".")[0] in ("fairseq_cli", "fairseq_hash"):
         return True
     return bool(sys.argv) and os.path.basename(sys.argv[0]).startswith("fairseq-")
 
@@ -75,7 +82,10 @@ def install_excepthook():
     def hook(exc_type, exc, tb):
         ours = config_error(exc)
         if ours is not None:
-            print(f"fairseq-hash: error: {ours}", file=sys.stderr)
+            # launched by torchrun (or with its variables), every rank refuses the
+            # same flags: rank 0 says it, the others exit with it
+            if os.environ.get("RANK", "0") == "0":
+                print(f"fairseq-hash: error: {ours}", file=sys.stderr)
         else:
             previous(exc_type, exc, tb)
 

@@ -125,6 +125,18 @@ def test_commands_are_recognised_by_script_name_or_main_module(monkeypatch, argv
     assert errors.running_as_command() is expected
 
 
+@pytest.mark.parametrize("module, expected", [
+    ("fairseq_hash.cli.torchrun_train", True), ("pytest", False)])
+def test_python_m_is_recognised_while_it_imports_the_package(monkeypatch, module, expected):
+    import types
+
+    # runpy imports a -m module's packages first: no spec on __main__ yet, argv[0] "-m"
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    monkeypatch.setattr(sys, "argv", ["-m", "data-bin"])
+    monkeypatch.setattr(sys, "orig_argv", ["/venv/bin/python", "-m", module, "data-bin"])
+    assert errors.running_as_command() is expected
+
+
 def test_python_m_fairseq_cli_train_prints_our_error_in_one_line(data_bin, tmp_path):
     proc = run([sys.executable, "-m", "fairseq_cli.train", data_bin, "--user-dir", user_dir(),
                 *TINY_MODEL, *TINY_TRAIN, "--hash-experts", "1", "--max-update", "1",

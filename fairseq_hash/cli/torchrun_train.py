@@ -7,8 +7,12 @@
 Every process gets fairseq-train's flags as given, plus the ones that tell it
 its place: ``--distributed-world-size $WORLD_SIZE --distributed-rank $RANK
 --device-id $LOCAL_RANK --distributed-init-method env:// --distributed-no-spawn``
-from torchrun's environment, and ``--distributed-backend gloo`` with ``--cpu``
-(or without a GPU) unless a backend is given.
+from torchrun's environment. With ``--cpu`` (or without a GPU) also
+``--distributed-backend gloo`` unless a backend is given, and ``--ddp-backend
+legacy_ddp`` unless one is given (fairseq's default, pytorch_ddp, needs GPUs;
+given on CPU, it is refused). A refusal of the plugin is one line, printed by
+rank 0 (every rank refuses the same flags); torchrun's summary of the failed
+workers follows it.
 
 Why not plain ``fairseq-train`` under torchrun: fairseq reads torchrun's
 variables only when its own ``--distributed-world-size`` is above 1, and that
@@ -29,7 +33,23 @@ OURS = ("--distributed-world-size", "--distributed-rank", "--device-id",
 
 
 def _given(args, flag):
-    return any(a == flag or a.startswith(flag + "=") for a in args)
+    return _value(args, flag) is not None
+
+
+def _value(args, flag):
+    """The value ``args`` give ``flag`` (the last one, as argparse takes it), or None."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        elif a.startswith(flag + "="):
+            value = a[len(flag) + 1:]
+    return value
+
+
+# fairseq's pytorch_ddp (its default, alias c10d) hands DistributedDataParallel
+# device_ids=[--device-id], which torch refuses for a model on the CPU
+ON_CPU = "on CPU: --ddp-backend legacy_ddp (fairseq's default, pytorch_ddp, needs GPUs)"
 
 
 def torchrun_flags(args, environ=os.environ, has_gpu=None):
@@ -53,13 +73,24 @@ def torchrun_flags(args, environ=os.environ, has_gpu=None):
         import torch
 
         has_gpu = torch.cuda.is_available()
-    if not _given(args, "--distributed-backend") and ("--cpu" in args or not has_gpu):
+    on_cpu = "--cpu" in args or not has_gpu
+    if on_cpu and not _given(args, "--distributed-backend"):
         extra += ["--distributed-backend", "gloo"]
+    ddp = _value(args, "--ddp-backend")
+    if on_cpu and ddp in ("pytorch_ddp", "c10d"):
+        raise HashConfigError(f"--ddp-backend {ddp} needs GPUs (fairseq gives torch's "
+                              f"DistributedDataParallel a device id); on CPU use legacy_ddp")
+    if on_cpu and ddp is None:
+        extra += ["--ddp-backend", "legacy_ddp"]
     return list(args) + extra
 
 
 def main():
-    sys.argv[1:] = torchrun_flags(sys.argv[1:])
+    args = torchrun_flags(sys.argv[1:])
+    if not _given(sys.argv[1:], "--ddp-backend") and _given(args, "--ddp-backend"):
+        if os.environ["RANK"] == "0":
+            print(f"fairseq_hash.cli.torchrun_train: {ON_CPU}", file=sys.stderr)
+    sys.argv[1:] = args
     from fairseq_cli.train import cli_main
 
     cli_main()
