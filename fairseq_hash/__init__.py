@@ -8,11 +8,14 @@ from .errors import install_excepthook, running_as_command  # noqa: E402
 # registers the hash functions, models, criterion and optimizer
 from . import criterions, hashing, models, optim  # noqa: E402,F401
 from .distributed_checkpoints import install_checkpoint_loading  # noqa: E402
+from .ema import install_ema_copies_integers  # noqa: E402
 from .offload.lookahead import install_eval_lm_lookahead  # noqa: E402
 
 # sharded and one-file checkpoints of any layout on any number of ranks, and
 # experts offloaded when --model-overrides asks, before fairseq loads any
 install_checkpoint_loading()
+# fairseq's --store-ema copies the integer buffers (hash tables) it cannot average
+install_ema_copies_integers()
 # fairseq-eval-lm tells offloaded models its next batch (offload/lookahead.py)
 install_eval_lm_lookahead()
 

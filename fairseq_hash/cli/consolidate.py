@@ -8,6 +8,14 @@ set as it is; this writes the one-file checkpoint a single process would have
 written (every expert's weights and optimizer state in ``[K, ...]`` stacks), for
 copying elsewhere or for programs that read checkpoints with ``torch.load``.
 The process holds the whole model once, as one process evaluating it does.
+
+    fairseq-hash-consolidate checkpoints/checkpoint_last.pt --ema --output ema.pt
+
+With ``--ema`` the output's model is the moving average of the weights that
+``fairseq-train --store-ema`` kept (its fp32 copy with ``--ema-fp32``), as
+fairseq's ``checkpoint_utils.save_ema_as_checkpoint`` writes it, for
+fairseq-eval-lm and fairseq-generate to score; a one-file checkpoint is taken
+as it is.
 """
 import argparse
 import os
@@ -16,8 +24,9 @@ import sys
 from .command import command
 
 
-def consolidate(path: str, output: str) -> dict:
-    """Write ``output``, the one-file form of the checkpoint ``path``; returns its state."""
+def consolidate(path: str, output: str, ema: bool = False) -> dict:
+    """Write ``output``, the one-file form of the checkpoint ``path`` (its model the
+    EMA weights with ``ema``); returns its state."""
     import torch
     from fairseq import checkpoint_utils
 
@@ -31,9 +40,17 @@ def consolidate(path: str, output: str) -> dict:
         raise HashConfigError(f"{path}: no such checkpoint")
     # as fairseq wrote it (no upgrade, no omegaconf objects), its tensors mapped
     state = torch.load(path, map_location="cpu", mmap=True)
-    if expert_shards.INDEX not in state:
+    if expert_shards.INDEX in state:
+        state = expert_shards.consolidated(expert_shards.resolve_shards(state, path))
+    elif not ema:
         raise HashConfigError(f"{path}: already one file (it names no expert shards)")
-    state = expert_shards.consolidated(expert_shards.resolve_shards(state, path))
+    if ema:
+        extra = state.get("extra_state") or {}
+        if "ema" not in extra:
+            raise HashConfigError(f"--ema: {path} holds no EMA weights (fairseq-train saves "
+                                  f"them with --store-ema)")
+        # the fp32 copy is the average itself, "ema" its copy in the model's dtype
+        state["model"] = dict(extra.get("ema_fp32_params") or extra["ema"])
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     # fairseq's own write: OUTPUT.tmp renamed when whole
     checkpoint_utils.torch_persistent_save(state, output)
@@ -45,11 +62,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="fairseq-hash-consolidate",
                                      description=__doc__.split("\n\n")[0].strip("`: "))
     parser.add_argument("checkpoint", metavar="CHECKPOINT.pt",
-                        help="fairseq's file of a sharded checkpoint (its shards beside it)")
+                        help="fairseq's file of a sharded checkpoint (its shards beside it), "
+                             "or with --ema any checkpoint")
     parser.add_argument("--output", required=True, metavar="WHOLE.pt",
                         help="where to write the one-file checkpoint (must not exist)")
+    parser.add_argument("--ema", action="store_true",
+                        help="write the moving average of the weights that --store-ema kept "
+                             "as the model (one-file checkpoints too)")
     args = parser.parse_args(argv)
-    consolidate(args.checkpoint, args.output)
+    consolidate(args.checkpoint, args.output, args.ema)
     print(args.output)
 
 
