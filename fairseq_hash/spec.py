@@ -53,6 +53,8 @@ class HashLayerSpec:
     layerdrop: Tuple[Tuple[str, float], ...] = ()  # (--encoder-layerdrop, rate) where not 0
     store_ema: bool = False  # --store-ema
     eval_bleu: bool = False  # --eval-bleu
+    zero_sharding: str = "none"  # --zero-sharding
+    use_bmuf: bool = False  # --use-bmuf
 
     @classmethod
     def from_args(cls, args) -> "HashLayerSpec":
@@ -64,7 +66,10 @@ class HashLayerSpec:
                           if getattr(args, f"{side}_layerdrop", 0))
         return cls(**values, ddp_backend=ddp_backend_of(args), layerdrop=layerdrop,
                    store_ema=bool(run_setting(args, "ema", "store_ema")),
-                   eval_bleu=bool(run_setting(args, "task", "eval_bleu")))
+                   eval_bleu=bool(run_setting(args, "task", "eval_bleu")),
+                   zero_sharding=str(run_setting(args, "distributed_training", "zero_sharding")
+                                     or "none"),
+                   use_bmuf=bool(run_setting(args, "optimization", "use_bmuf")))
 
     @property
     def learned(self) -> bool:
@@ -150,6 +155,16 @@ class HashLayerSpec:
                 f"--store-ema copies the model, and with experts spread over ranks (P = {P}) "
                 f"it holds process groups that cannot be copied; drop --store-ema, or use "
                 f"--moe-expert-parallel-size 1")
+        spread = (f"with experts spread over ranks (P = {P}) each rank holds other experts; "
+                  f"drop it, or use --moe-expert-parallel-size 1 (every expert on every rank)")
+        if P > 1 and self.zero_sharding != "none":
+            raise HashConfigError(
+                f"--zero-sharding {self.zero_sharding}: fairscale's OSS takes every rank's "
+                f"parameters for replicas of one list and broadcasts each shard from its owner, "
+                f"but {spread}")
+        if P > 1 and self.use_bmuf:
+            raise HashConfigError(
+                f"--use-bmuf averages every parameter over all ranks, but {spread}")
         if P > 1 and self.eval_bleu:
             raise HashConfigError(
                 f"--eval-bleu decodes each rank's sentences for as many steps as they need, "

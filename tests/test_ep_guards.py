@@ -18,6 +18,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
     (dict(layerdrop=(("--encoder-layerdrop", 0.2),)), "--encoder-layerdrop 0.2: LayerDrop skips"),
     (dict(store_ema=True), "--store-ema copies the model"),
     (dict(eval_bleu=True), "--eval-bleu decodes each rank's sentences"),
+    (dict(zero_sharding="os"), "--zero-sharding os: fairscale's OSS takes every rank's"),
+    (dict(use_bmuf=True), "--use-bmuf averages every parameter over all ranks"),
 ])
 def test_paths_that_differ_between_ranks_are_refused_with_experts_spread(settings, expected):
     spec = HashLayerSpec(total_experts=4, **settings)
@@ -26,9 +28,9 @@ def test_paths_that_differ_between_ranks_are_refused_with_experts_spread(setting
         spec.validate(world_size=2)
 
 
-def test_every_expert_on_every_rank_keeps_ema_and_bleu_but_not_layerdrop():
-    HashLayerSpec(total_experts=4, parallel_size=1, store_ema=True,
-                  eval_bleu=True).validate(world_size=2)
+def test_every_expert_on_every_rank_keeps_ema_bleu_oss_and_bmuf_but_not_layerdrop():
+    HashLayerSpec(total_experts=4, parallel_size=1, store_ema=True, eval_bleu=True,
+                  zero_sharding="os", use_bmuf=True).validate(world_size=2)
     # replicas all-reduce their experts' gradients in every backward
     spec = HashLayerSpec(total_experts=4, parallel_size=1,
                          layerdrop=(("--decoder-layerdrop", 0.1),))

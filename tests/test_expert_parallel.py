@@ -261,6 +261,8 @@ def test_accumulating_micro_batches_sync_expert_gradients_once_an_update(data_bi
     (["--ddp-backend", "slowmo"], "--ddp-backend slowmo cannot keep hash-layer experts"),
     (["--decoder-layerdrop", "0.5"], "--decoder-layerdrop 0.5: LayerDrop skips layers"),
     (["--store-ema"], "--store-ema copies the model"),
+    (["--zero-sharding", "os"], "--zero-sharding os: fairscale's OSS takes every rank's"),
+    (["--use-bmuf"], "--use-bmuf averages every parameter over all ranks"),
 ])
 def test_bad_layouts_and_backends_give_one_line_and_write_nothing(data_bin, tmp_path, flags,
                                                                    expected):
@@ -278,3 +280,13 @@ def test_fairscale_dispatch_trains_and_saves_every_expert(data_bin, tmp_path):
     assert len(losses(proc)) == 3
     model = whole_model(os.path.join(save, "checkpoint_last.pt"))
     assert model["decoder.layers.0.fc1.experts.fc1_weight"].size(0) == 4
+
+
+@pytest.mark.parametrize("flags", [["--zero-sharding", "os"], []], ids=["oss", "plain"])
+def test_every_expert_on_every_rank_trains_the_one_process_model_with_zero_sharding(
+        data_bin, tmp_path, flags):
+    # the experts are replicas (P = 1): OSS may shard their optimizer state as any weight's
+    one = losses(train_on_one_rank(data_bin, str(tmp_path / "one"), "--max-update", "4"))
+    proc = train_on_two_ranks(data_bin, str(tmp_path / "two"), "--max-update", "4",
+                              "--moe-expert-parallel-size", "1", *flags)
+    assert len(one) == 4 and losses(proc) == one
