@@ -263,6 +263,11 @@ def _raised_by_torch_load(exc: BaseException) -> bool:
     return False
 
 
+def first_sentence(exc: BaseException) -> str:
+    """What broke, as torch's first sentence says it (the rest is advice for its own users)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+
+
 @contextlib.contextmanager
 def read_errors(path: str):
     """Around fairseq's read of checkpoint ``path``: a file torch cannot read
@@ -275,9 +280,9 @@ def read_errors(path: str):
     except Exception as exc:
         if not _raised_by_torch_load(exc) or (os.path.isfile(path) and zipfile.is_zipfile(path)):
             raise
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise HashConfigError(f"cannot read the checkpoint {path} ({reason}): the file is "
-                              f"truncated or not a checkpoint") from None
+        raise HashConfigError(f"{path}: not a readable checkpoint ({first_sentence(exc)}); is "
+                              f"the file complete? give a checkpoint written by fairseq-train"
+                              ) from None
 
 
 def install_checkpoint_loading():

@@ -387,7 +387,7 @@ def test_a_truncated_checkpoint_is_refused_in_one_line_naming_it(corpus_checkpoi
         out.write(f.read()[: os.path.getsize(path) // 2])
     proc = run_tool("fairseq-eval-lm", corpus, "--path", cut, "--user-dir", hashfns_user_dir(),
                     "--cpu", "--model-overrides", OVERRIDES, check=False)
-    assert f"cannot read the checkpoint {cut}" in error_line(proc)
+    assert f"{cut}: not a readable checkpoint" in error_line(proc)
 
 
 def test_a_missing_checkpoint_is_refused_naming_it(corpus_checkpoint, tmp_path):

@@ -88,19 +88,17 @@ def copy_dense_ffns(model, dense_state, path):
 def read_checkpoint(path):
     """fairseq's checkpoint dict of ``path``, or a one-line error for a file that is not one
     (truncated by a copy or a full disk, or another kind of file)."""
-    import pickle
-
     from fairseq import checkpoint_utils
 
+    from fairseq_hash.distributed_checkpoints import first_sentence
     from fairseq_hash.errors import HashConfigError
 
     try:
+        # a file torch cannot read is refused there (distributed_checkpoints.read_errors)
         state = checkpoint_utils.load_checkpoint_to_cpu(path)
-    except (EOFError, OSError, RuntimeError, pickle.UnpicklingError) as e:
-        # torch's first sentence says what broke; the rest is advice for its own users
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
-        raise HashConfigError(f"{path}: not a readable checkpoint ({reason}); is the file "
-                              "complete? give a checkpoint written by fairseq-train") from None
+    except OSError as e:
+        raise HashConfigError(f"{path}: not a readable checkpoint ({first_sentence(e)}); is the "
+                              "file complete? give a checkpoint written by fairseq-train") from None
     except (KeyError, AttributeError, TypeError) as e:
         # fairseq's loader upgrades old layouts and looks up their keys without a check
         raise HashConfigError(f"{path}: not a fairseq checkpoint ({type(e).__name__}: {e} in "

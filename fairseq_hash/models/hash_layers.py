@@ -63,6 +63,36 @@ def parse_hash_layers(value: str, num_layers: int, flag: str = "--hash-layer",
     return sorted(layers)
 
 
+def prune_hash_layers(args, side: str, attr: str, flag: str, allow_none: bool = False):
+    """fairseq's LayerDrop pruning (``--{side}-layers-to-keep``) applied to the hash
+    layers that ``args.<attr>`` (``flag``) names.
+
+    fairseq builds the pruned model with as many layers as are kept and renumbers
+    the checkpoint's kept layers 0, 1, ... (``checkpoint_utils.prune_state_dict``;
+    ``HashModel.load_state_dict`` has it do so first). The pruned model's hash
+    layers are the kept layers that were hash layers, renumbered with them:
+    ``args.<attr>`` is rewritten to their new indices, which is also what a
+    checkpoint of the pruned model says.
+    """
+    keep = getattr(args, f"{side}_layers_to_keep", None)
+    if not keep:
+        return
+    # "0,2" as fairseq's prune parses it (a list where a config's type made one)
+    kept = sorted(int(i) for i in (keep if isinstance(keep, (list, tuple)) else str(keep).split(",")))
+    hashed = parse_hash_layers(getattr(args, attr), getattr(args, f"{side}_layers"), flag,
+                               f"--{side}-layers", allow_none)
+    renumbered = [kept.index(i) for i in hashed if i in kept]
+    if hashed and not renumbered and not allow_none:
+        raise HashConfigError(
+            f"--{side}-layers-to-keep {keep} keeps none of the {side} hash layers {hashed} "
+            f"({flag}); keep one of them (without hash layers, use fairseq's dense --arch)")
+    left_out = [i for i in hashed if i not in kept]
+    if left_out:
+        logger.info(f"--{side}-layers-to-keep {keep} leaves out {side} hash layer(s) {left_out}; "
+                    f"the pruned model's hash layers are {renumbered}")
+    setattr(args, attr, ",".join(map(str, renumbered)))
+
+
 def log_expected_load(moe_layers, dictionary, side: str = "decoder"):
     counts = token_counts(dictionary)
     for idx, moe in moe_layers.items():
@@ -178,7 +208,8 @@ class HashLayers:
     def upgrade_state_dict_named(self, state_dict, name):
         super().upgrade_state_dict_named(state_dict, name)
         for idx, moe in self.moe_layers.items():
-            router = f"{name}.layers.{idx}.fc1.router"
+            layer = f"{name}.layers.{idx}"
+            router = f"{layer}.fc1.router"
             if isinstance(moe.router, HashRouter) and f"{router}.table" in state_dict:
                 moe.router.add_missing_hash_type(state_dict, router)
                 saved = moe.router.saved_hash_type(state_dict, router)
@@ -188,7 +219,7 @@ class HashLayers:
                         f"--hash-type {saved} but --hash-type is {moe.router.hash_fn.name}; "
                         f"use the checkpoint's value"
                     )
-            key = f"{name}.layers.{idx}.fc1.experts.fc1_weight"
+            key = f"{layer}.fc1.experts.fc1_weight"
             # all K FFNs of the layer, whichever share of them this rank holds
             total = moe.experts.total_experts
             if key in state_dict and num_rows(state_dict[key]) != total:
@@ -197,7 +228,7 @@ class HashLayers:
                     f"layer {idx} "
                     f"but --hash-experts is {total}; use the checkpoint's value"
                 )
-            table = state_dict.get(f"{name}.layers.{idx}.fc1.router.table")
+            table = state_dict.get(f"{router}.table")
             if table is not None and table.size(1) != moe.router.table.size(1):
                 per_hash = moe.router.hash_fn.columns_per_hash
                 # a top-k table has a column per expert of a token, MultiHash one per hash
@@ -208,8 +239,7 @@ class HashLayers:
                     f"hash layer {idx} but {flag} is {moe.router.table.size(1) // per_hash}; "
                     f"use the checkpoint's value"
                 )
-            missing = f"{name}.layers.{idx}.fc1.router.table"
-            if missing not in state_dict and f"{name}.layers.{idx}.fc1.weight" in state_dict:
+            if f"{router}.table" not in state_dict and f"{layer}.fc1.weight" in state_dict:
                 raise HashConfigError(
                     f"{self.side} layer {idx} of the checkpoint is a dense FFN, not a hash "
                     f"layer; "

@@ -20,6 +20,7 @@ import logging
 from ..distributed_checkpoints import prepare_expert_parallel
 from ..spec import HashLayerSpec
 from .config import HashRoutingConfig, fill_hash_defaults
+from .hash_layers import prune_hash_layers
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ class HashModel:
     """Mixin, listed before a fairseq model class."""
 
     hash_config = HashRoutingConfig
+    # (side, args attribute, flag, whether the side may have none) of each hash-layer flag
+    hash_layer_flags = ()
 
     @classmethod
     def hub_models(cls):
@@ -36,11 +39,26 @@ class HashModel:
     @classmethod
     def build_model(cls, args, task):
         fill_hash_defaults(args, cls.hash_config)
+        for side, attr, flag, allow_none in cls.hash_layer_flags:
+            # before fairseq's build sets --{side}-layers to the count it keeps
+            prune_hash_layers(args, side, attr, flag, allow_none)
         model = super().build_model(args, task)
         sides = cls.adopt_hash_sides(model, HashLayerSpec.from_args(args), args, task)
         prepare_expert_parallel(model)
         log_parameters(model, sides)
         return model
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        # fairseq prunes LayerDrop's kept layers (*_layers_to_keep) only after
+        # upgrade_state_dict_named, whose checks would then compare the model's
+        # layer i with the checkpoint's unrenumbered layer i; pruned first, every
+        # check sees the model's own layers, and fairseq's own prune finds
+        # nothing left to do (it clears *_layers_to_keep in model_cfg)
+        if model_cfg is not None:
+            from fairseq.checkpoint_utils import prune_state_dict
+
+            state_dict = prune_state_dict(state_dict, model_cfg)
+        return super().load_state_dict(state_dict, strict, model_cfg, args)
 
     @classmethod
     def adopt_hash_sides(cls, model, spec: HashLayerSpec, args, task) -> dict:

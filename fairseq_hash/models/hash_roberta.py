@@ -23,6 +23,7 @@ from .hash_model import HashModel, register_hash_presets
 @register_model("hash_roberta")
 class HashRobertaModel(HashModel, RobertaModel):
     hash_config = EncoderHashConfig
+    hash_layer_flags = (("encoder", "encoder_hash_layer", "--encoder-hash-layer", False),)
 
     @staticmethod
     def add_args(parser):

@@ -25,6 +25,8 @@ from .hash_model import HashModel, register_hash_presets
 @register_model("hash_transformer")
 class HashTransformerModel(HashModel, TransformerModel):
     hash_config = EncoderDecoderHashConfig
+    hash_layer_flags = (("encoder", "encoder_hash_layer", "--encoder-hash-layer", True),
+                        ("decoder", "decoder_hash_layer", "--decoder-hash-layer", True))
 
     @classmethod
     def add_args(cls, parser):

@@ -32,6 +32,7 @@ class HashTransformerLanguageModelConfig(TransformerLanguageModelConfig, HashLay
 @register_model("hash_transformer_lm", dataclass=HashTransformerLanguageModelConfig)
 class HashTransformerLanguageModel(HashModel, TransformerLanguageModel):
     hash_config = HashLayerConfig
+    hash_layer_flags = (("decoder", "hash_layer", "--hash-layer", False),)
 
     @classmethod
     def adopt_hash_sides(cls, model, spec, args, task):
