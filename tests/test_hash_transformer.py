@@ -172,3 +172,19 @@ def test_generate_speed_script_prints_both_models(pairs, tmp_path):
     rows = json.load(open(out))["rows"]
     assert rows[0]["ratio"] == 1.0 and rows[1]["sentences_per_s"] > 0
     assert rows[0]["sentences"] == rows[1]["sentences"] > 0
+
+
+def test_torchscript_is_refused_in_one_line_alone_and_in_an_ensemble(pairs):
+    from fairseq_hash.errors import HashConfigError
+    from models_util import build_in_process
+
+    model, task = seq2seq_model(pairs)
+    with pytest.raises(HashConfigError, match=r"TorchScript \(torch.jit.script\) cannot compile "
+                                              r"this model's encoder hash layers yet"):
+        torch.jit.script(model)
+    ours = {"--arch", "--hash-experts", "--encoder-hash-layer", "--decoder-hash-layer"}
+    flags = [f for i, f in enumerate(TINY_SEQ2SEQ) if f not in ours and TINY_SEQ2SEQ[i - 1] not in ours]
+    dense, _ = build_in_process([pairs, *flags, "--arch", "transformer_tiny", "--cpu"])
+    generator = SequenceGenerator([dense, model], task.target_dictionary, beam_size=2)
+    with pytest.raises(HashConfigError, match="deploy the eager model"):
+        torch.jit.script(generator)

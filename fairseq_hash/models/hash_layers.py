@@ -205,6 +205,15 @@ class HashLayers:
             for moe in self.moe_layers.values():
                 moe.route = None
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule first: one line here
+        # rather than TorchScript's error deep inside the layers' route passing
+        raise HashConfigError(
+            f"TorchScript (torch.jit.script) cannot compile this model's {self.side} hash "
+            f"layers yet: their routing runs in Python (the route handed to each layer, the "
+            f"hash functions, the experts' grouped compute); deploy the eager model "
+            f"(fairseq-generate, fairseq-interactive or the hub interface)")
+
     def upgrade_state_dict_named(self, state_dict, name):
         super().upgrade_state_dict_named(state_dict, name)
         for idx, moe in self.moe_layers.items():
