@@ -290,3 +290,16 @@ def test_every_expert_on_every_rank_trains_the_one_process_model_with_zero_shard
     proc = train_on_two_ranks(data_bin, str(tmp_path / "two"), "--max-update", "4",
                               "--moe-expert-parallel-size", "1", *flags)
     assert len(one) == 4 and losses(proc) == one
+
+
+def test_bmuf_with_every_expert_on_every_rank_trains_and_saves(data_bin, tmp_path):
+    # BMUF averages every parameter over all ranks at each global sync: right where
+    # every expert is a replica (P = 1); with P > 1 it is refused (the test above)
+    save = str(tmp_path / "bmuf")
+    proc = train_on_two_ranks(data_bin, save, "--max-update", "4", "--use-bmuf",
+                              "--global-sync-iter", "2", "--warmup-iterations", "2",
+                              "--moe-expert-parallel-size", "1")
+    rows = losses(proc)
+    assert len(rows) == 4 and all(0 < loss < 20 for _, loss in rows)
+    model = whole_model(os.path.join(save, "checkpoint_last.pt"))
+    assert model["decoder.layers.0.fc1.experts.fc1_weight"].size(0) == 4
