@@ -10,6 +10,7 @@ from . import criterions, hashing, models, optim  # noqa: E402,F401
 from .distributed_checkpoints import install_checkpoint_loading  # noqa: E402
 from .ema import install_ema_copies_integers  # noqa: E402
 from .offload.lookahead import install_eval_lm_lookahead  # noqa: E402
+from .preemption import install_save_on_signal  # noqa: E402
 
 # sharded and one-file checkpoints of any layout on any number of ranks, and
 # experts offloaded when --model-overrides asks, before fairseq loads any
@@ -18,6 +19,8 @@ install_checkpoint_loading()
 install_ema_copies_integers()
 # fairseq-eval-lm tells offloaded models its next batch (offload/lookahead.py)
 install_eval_lm_lookahead()
+# a Trainer saves checkpoint_last and exits on SIGTERM or SIGUSR1 (preemption.py)
+install_save_on_signal()
 
 # only fairseq's tools and ours: importing the plugin leaves a program's own hook
 if running_as_command():

@@ -151,6 +151,14 @@ class HashRoutingConfig(FairseqDataclass):
             "one layer's experts. A layer needing more loads them in turns"
         },
     )
+    no_save_on_signal: bool = field(
+        default=False,
+        metadata={
+            "help": "fairseq-train: leave SIGTERM and SIGUSR1 to Python's defaults (by default "
+            "every rank finishes its update, checkpoint_last is saved and training exits with "
+            "128 + the signal, for the scheduler to requeue)"
+        },
+    )
     moe_dispatch: str = field(
         default=DEFAULT.dispatch,
         metadata={
