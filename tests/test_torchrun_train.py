@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from conftest import TINY_MODEL, TINY_TRAIN, run, user_dir
-from fairseq_hash.cli.torchrun_train import torchrun_flags
+from fairseq_hash.cli.torchrun_train import store_of_its_own, torchrun_flags
 from fairseq_hash.errors import HashConfigError
 from test_expert_parallel import EXACT, free_port, losses, train_on_one_rank
 
@@ -94,3 +94,54 @@ def test_a_refusal_under_the_launcher_is_one_line_from_rank_0(data_bin, tmp_path
                      "(CPU or GPU) or pytorch_ddp (GPU)"]
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     assert not os.path.exists(save) or not os.listdir(save)
+
+
+def test_each_attempt_of_the_group_gets_a_store_of_its_own():
+    first = store_of_its_own({"MASTER_PORT": "29500"})
+    again = store_of_its_own({"MASTER_PORT": "29500", "TORCHELASTIC_RESTART_COUNT": "2"})
+    assert first == {"TORCHELASTIC_USE_AGENT_STORE": "False", "MASTER_PORT": "29501"}
+    assert again["MASTER_PORT"] == "29503"
+
+
+def children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_torchrun_restarts_the_group_after_a_worker_is_killed(data_bin, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import json_logs
+    from test_preemption import text
+
+    def launch(save, restarts, log):
+        return subprocess.Popen(
+            [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nnodes", "1",
+             "--nproc-per-node", "2", "--max-restarts", str(restarts), "--master-addr",
+             "127.0.0.1", "--master-port", str(free_port()), "-m", "fairseq_hash.cli.torchrun_train",
+             data_bin, "--user-dir", user_dir(), *TINY_MODEL, *TINY_TRAIN, *EXACT,
+             "--max-tokens", "128", "--save-interval-updates", "2", "--max-update", "14",
+             "--save-dir", save],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+
+    log = str(tmp_path / "restarted.log")
+    agent = launch(str(tmp_path / "restarted"), 1, log)
+    deadline = time.time() + 300
+    while not any(r["num_updates"] >= 5 for r in json_logs(text(log), "train_inner")):
+        assert time.time() < deadline and agent.poll() is None, text(log)[-3000:]
+        time.sleep(0.2)
+    os.kill(children(agent.pid)[-1], signal.SIGKILL)  # a worker, with no chance to save
+    assert agent.wait(timeout=600) == 0, text(log)[-4000:]
+    rows = [(int(r["num_updates"]), r["loss"]) for r in json_logs(text(log), "train_inner")]
+    restart = next(i for i in range(1, len(rows)) if rows[i][0] <= rows[i - 1][0])
+    before, after = rows[:restart], rows[restart:]
+    # the second attempt starts after the last save (every 2 updates), not from scratch
+    assert after[0][0] == 2 * ((after[0][0] - 1) // 2) + 1 > 1 and after[-1][0] == 14
+
+    whole_log = str(tmp_path / "whole.log")
+    assert launch(str(tmp_path / "whole"), 0, whole_log).wait(timeout=600) == 0
+    whole = [(int(r["num_updates"]), r["loss"]) for r in json_logs(text(whole_log), "train_inner")]
+    assert after == whole[after[0][0] - 1:] and before == whole[:len(before)]

@@ -12,7 +12,9 @@ from torchrun's environment. With ``--cpu`` (or without a GPU) also
 legacy_ddp`` unless one is given (fairseq's default, pytorch_ddp, needs GPUs;
 given on CPU, it is refused). A refusal of the plugin is one line, printed by
 rank 0 (every rank refuses the same flags); torchrun's summary of the failed
-workers follows it.
+workers follows it. Each attempt of the group gets a TCPStore of its own
+(:func:`store_of_its_own`), so that ``--max-restarts`` restarts a group that
+lost a worker.
 
 Why not plain ``fairseq-train`` under torchrun: fairseq reads torchrun's
 variables only when its own ``--distributed-world-size`` is above 1, and that
@@ -85,8 +87,25 @@ def torchrun_flags(args, environ=os.environ, has_gpu=None):
     return list(args) + extra
 
 
+def store_of_its_own(environ) -> dict:
+    """The variables that give this attempt of the group a TCPStore of its own.
+
+    torchrun shares its agent's store with ``init_process_group``
+    (``TORCHELASTIC_USE_AGENT_STORE=True``), and a group it restarts after a
+    lost worker reads the previous attempt's peer addresses from it: gloo's
+    ``connectFullMesh`` then fails (Connection refused) or hangs (pytorch
+    #135712, #167288; DESIGN.md has the counts). Rank 0 instead hosts a fresh
+    store at ``MASTER_PORT + 1 + TORCHELASTIC_RESTART_COUNT``, a port per
+    attempt, the same on every node (it must be free on the master node).
+    """
+    attempt = int(environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return {"TORCHELASTIC_USE_AGENT_STORE": "False",
+            "MASTER_PORT": str(int(environ["MASTER_PORT"]) + 1 + attempt)}
+
+
 def main():
     args = torchrun_flags(sys.argv[1:])
+    os.environ.update(store_of_its_own(os.environ))
     if not _given(sys.argv[1:], "--ddp-backend") and _given(args, "--ddp-backend"):
         if os.environ["RANK"] == "0":
             print(f"fairseq_hash.cli.torchrun_train: {ON_CPU}", file=sys.stderr)
