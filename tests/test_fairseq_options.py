@@ -34,7 +34,6 @@ class Option:
     verdict: str = "works"  # works / refused / fairseq (fairseq's own failure, dense too)
     refusal: str = ""  # the one line a refusal prints (a part of it)
     ranks: int = 1
-    gpu_only: str = ""  # why it is skipped on CPU
 
 
 OPTIONS = [
@@ -66,7 +65,7 @@ OPTIONS = [
            refusal="--zero-sharding os: fairscale's OSS takes every rank's parameters"),
     Option("--use-bmuf", ("--use-bmuf",), ranks=2, verdict="refused",
            refusal="--use-bmuf averages every parameter over all ranks"),
-    Option("--bf16", ("--bf16",), gpu_only="fairseq's --bf16 trains on GPUs only (issue 22)"),
+    Option("--bf16", ("--bf16",)),
 ]
 
 
@@ -103,8 +102,6 @@ def dense(flags):
 
 @pytest.mark.parametrize("option", OPTIONS, ids=[o.name for o in OPTIONS])
 def test_a_fairseq_option_works_or_is_refused_in_one_line(data_bin, tmp_path, option):
-    if option.gpu_only and not torch.cuda.is_available():
-        pytest.skip(option.gpu_only)
     save = str(tmp_path / "ckpt")
     if option.ranks > 1:
         proc = torchrun_cpu(data_bin, save, *THREE, *option.train)
@@ -168,6 +165,6 @@ def page_rows():
 
 
 def test_the_page_lists_every_row_with_its_verdict():
-    expected = {o.name: ("gpu" if o.gpu_only else o.verdict) for o in OPTIONS}
+    expected = {o.name: o.verdict for o in OPTIONS}
     expected["--encoder-layerdrop, encoder_layers_to_keep"] = "works"
     assert page_rows() == expected
