@@ -17,12 +17,15 @@ a save at the end of training does; and each rank exits with ``128 + signal``,
 which torchrun and schedulers read as a failed run to restart or requeue.
 Resuming continues mid-epoch from the saved update. A second signal while the
 checkpoint is written changes nothing: the handler only sets the flag.
-``--no-save-on-signal`` leaves the signals to Python's defaults.
+``--no-save-on-signal`` leaves the signals to Python's defaults, as does a
+Python program that builds a Trainer itself (only commands set handlers).
 """
 import functools
 import logging
 import signal
 import sys
+
+from .errors import running_as_command
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,8 @@ def install_save_on_signal():
     @functools.wraps(init)
     def __init__(self, cfg, *args, **kwargs):
         init(self, cfg, *args, **kwargs)
-        if getattr(cfg.model, "no_save_on_signal", False):
+        # signal handlers are the process's: only fairseq's tools and ours set them
+        if getattr(cfg.model, "no_save_on_signal", False) or not running_as_command():
             return
         for signum in STOP_SIGNALS:
             signal.signal(signum, _request)
