@@ -37,7 +37,7 @@ import torch.distributed as dist
 from fairseq import checkpoint_utils
 
 from . import expert_shards
-from .errors import HashConfigError
+from .errors import HashConfigError, unreadable_checkpoint
 from .experts import ExpertFFN
 from .offload import loading as offload_loading
 
@@ -263,11 +263,6 @@ def _raised_by_torch_load(exc: BaseException) -> bool:
     return False
 
 
-def first_sentence(exc: BaseException) -> str:
-    """What broke, as torch's first sentence says it (the rest is advice for its own users)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
-
-
 @contextlib.contextmanager
 def read_errors(path: str):
     """Around fairseq's read of checkpoint ``path``: a file torch cannot read
@@ -280,9 +275,7 @@ def read_errors(path: str):
     except Exception as exc:
         if not _raised_by_torch_load(exc) or (os.path.isfile(path) and zipfile.is_zipfile(path)):
             raise
-        raise HashConfigError(f"{path}: not a readable checkpoint ({first_sentence(exc)}); is "
-                              f"the file complete? give a checkpoint written by fairseq-train"
-                              ) from None
+        raise unreadable_checkpoint(path, exc) from None
 
 
 def install_checkpoint_loading():

@@ -20,6 +20,15 @@ class HashConfigError(ValueError):
     """Bad input: names the flag or file at fault and what would be valid."""
 
 
+def unreadable_checkpoint(path: str, exc: BaseException) -> HashConfigError:
+    """The one line for a checkpoint file that cannot be read (cut off by a copy or a
+    full disk, or no checkpoint at all): what broke, as the first sentence of
+    ``exc`` says it (torch's next ones are advice for its own users)."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+    return HashConfigError(f"{path}: not a readable checkpoint ({reason}); is the file "
+                           f"complete? give a checkpoint written by fairseq-train")
+
+
 def _replaced_by_fairseqs_trainer(exc: BaseException) -> bool:
     """Whether ``exc`` is the plain Exception fairseq's ``Trainer.load_checkpoint``
     raises in place of any error of ``load_state_dict``: it does so inside its

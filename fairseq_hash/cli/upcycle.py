@@ -90,15 +90,13 @@ def read_checkpoint(path):
     (truncated by a copy or a full disk, or another kind of file)."""
     from fairseq import checkpoint_utils
 
-    from fairseq_hash.distributed_checkpoints import first_sentence
-    from fairseq_hash.errors import HashConfigError
+    from fairseq_hash.errors import HashConfigError, unreadable_checkpoint
 
     try:
         # a file torch cannot read is refused there (distributed_checkpoints.read_errors)
         state = checkpoint_utils.load_checkpoint_to_cpu(path)
     except OSError as e:
-        raise HashConfigError(f"{path}: not a readable checkpoint ({first_sentence(e)}); is the "
-                              "file complete? give a checkpoint written by fairseq-train") from None
+        raise unreadable_checkpoint(path, e) from None
     except (KeyError, AttributeError, TypeError) as e:
         # fairseq's loader upgrades old layouts and looks up their keys without a check
         raise HashConfigError(f"{path}: not a fairseq checkpoint ({type(e).__name__}: {e} in "

@@ -16,7 +16,6 @@ import contextlib
 
 import torch
 
-from ..errors import HashConfigError
 from .flags import OFFLOAD_FIELDS, check_offload_mode
 from .mapped import backing_file, file_mappings
 from .store import EXPERT_PARAMS
